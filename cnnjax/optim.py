@@ -1,0 +1,78 @@
+"""Optimizers and learning-rate schedules by name, from the config (all of it is optax)."""
+
+from collections.abc import Callable
+
+import jax
+import optax
+
+from cnnjax.errors import unknown_name
+
+
+def decay_mask(params):
+    """Weight decay applies to conv and dense kernels only, not to biases or norm scales/shifts."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _warmup_cosine(c, total, warmup):
+    return optax.warmup_cosine_decay_schedule(
+        0.0, c.learning_rate, warmup, max(total, warmup + 1), c.learning_rate * c.final_lr_factor
+    )
+
+
+def _onecycle(c, total, warmup):
+    return optax.cosine_onecycle_schedule(
+        total, c.learning_rate, pct_start=max(warmup, 1) / total, div_factor=25.0
+    )
+
+
+def _piecewise(c, total, warmup):
+    boundaries = {int(b * total): c.lr_decay_factor for b in c.lr_decay_at}
+    return optax.piecewise_constant_schedule(c.learning_rate, boundaries)
+
+
+SCHEDULES: dict[str, Callable] = {
+    "constant": lambda c, total, warmup: optax.constant_schedule(c.learning_rate),
+    "warmup_cosine": _warmup_cosine,
+    "onecycle": _onecycle,
+    "piecewise": _piecewise,
+}
+
+
+def create_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """The schedule ``config.schedule`` over ``config.num_epochs`` epochs.
+
+    ``warmup_epochs`` and ``lr_decay_at`` (fractions of training) are in epochs/fractions so they
+    don't change meaning with the batch size.
+    """
+    if config.schedule not in SCHEDULES:
+        raise unknown_name("schedule", config.schedule, SCHEDULES)
+    total = config.num_epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    return SCHEDULES[config.schedule](config, total, warmup)
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "sgd": lambda c, lr: optax.sgd(lr, c.momentum or None, nesterov=c.nesterov),
+    "adam": lambda c, lr: optax.adam(lr),
+    "adamw": lambda c, lr: optax.adamw(lr, weight_decay=c.weight_decay, mask=decay_mask),
+    "lamb": lambda c, lr: optax.lamb(lr, weight_decay=c.weight_decay, mask=decay_mask),
+    "lion": lambda c, lr: optax.lion(lr, weight_decay=c.weight_decay, mask=decay_mask),
+}
+# Optimizers whose weight decay is decoupled and built in; the others get L2 added to the gradient
+# (PyTorch's `weight_decay` semantics for SGD and Adam).
+_DECOUPLED = {"adamw", "lamb", "lion"}
+
+
+def create_optimizer(config, steps_per_epoch: int):
+    """Returns ``(tx, schedule)`` for ``config.optimizer`` with masked weight decay and optional
+    gradient clipping (``config.grad_clip_norm``)."""
+    if config.optimizer not in OPTIMIZERS:
+        raise unknown_name("optimizer", config.optimizer, OPTIMIZERS)
+    schedule = create_schedule(config, steps_per_epoch)
+    parts = []
+    if config.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    if config.weight_decay and config.optimizer not in _DECOUPLED:
+        parts.append(optax.add_decayed_weights(config.weight_decay, decay_mask))
+    parts.append(OPTIMIZERS[config.optimizer](config, schedule))
+    return optax.chain(*parts), schedule

@@ -1,0 +1,72 @@
+"""Pure, unjitted train and eval steps. ``trainer.py`` jits each exactly once.
+
+A batch is a dict: ``image`` (N, H, W, C) already normalised, ``label`` (N,) int32, and for
+evaluation ``mask`` (N,) marking real examples (padding fills the last batch). Metrics are sums
+(``loss``, ``correct``, ``count``) so they add up exactly across steps and devices; divide by
+``count`` once, on the host, when they are logged.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def normalize(images, mean, std, dtype=jnp.float32):
+    """uint8 (N, H, W, C) -> ``dtype`` images with per-channel zero mean and unit variance."""
+    x = images.astype(jnp.float32) / 255.0
+    return ((x - mean) / std).astype(dtype)
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy. logits (N, K); labels (N,) int or (N, K) soft."""
+    if labels.ndim == 1:
+        labels = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        labels = optax.smooth_labels(labels, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+
+
+def metric_sums(logits, labels, loss, weights=None) -> dict:
+    """Summed loss, number correct and example count over the (weighted) batch."""
+    weights = jnp.ones(loss.shape, jnp.float32) if weights is None else weights
+    hard = labels if labels.ndim == 1 else jnp.argmax(labels, -1)
+    correct = (jnp.argmax(logits, -1) == hard).astype(jnp.float32)
+    return {
+        "loss": jnp.sum(loss * weights),
+        "correct": jnp.sum(correct * weights),
+        "count": jnp.sum(weights),
+    }
+
+
+def train_step(state, batch, key, *, label_smoothing: float = 0.0):
+    """One optimizer step on ``batch``; returns ``(new_state, metric_sums)``.
+
+    Randomness (dropout) comes from ``fold_in(key, state.step)``, so a resumed run replays the
+    exact same keys.
+    """
+    rngs = {"dropout": jax.random.fold_in(key, state.step)}
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, updates = state.apply_fn(
+            variables, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs
+        )
+        loss = cross_entropy(logits, batch["label"], label_smoothing)
+        return jnp.mean(loss), (loss, logits, updates)
+
+    grads, (loss, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    return state, metric_sums(logits, batch["label"], loss)
+
+
+def predict_logits(state, images):
+    """Eval-mode logits (N, K): BatchNorm uses its running statistics, nothing is mutated."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return state.apply_fn(variables, images, train=False)
+
+
+def eval_step(state, batch):
+    """Metric sums of the model on ``batch`` (eval mode), counting only ``mask``-ed examples."""
+    logits = predict_logits(state, batch["image"])
+    loss = cross_entropy(logits, batch["label"])
+    return metric_sums(logits, batch["label"], loss, batch["mask"].astype(jnp.float32))

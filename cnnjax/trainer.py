@@ -1,0 +1,323 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, made of small named helpers.
+
+Each step function is jitted once here, with the train state donated. Metrics accumulate as sums
+on the device and are fetched once per ``log_every_steps`` and once per epoch.
+"""
+
+import dataclasses
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import psutil
+from tqdm import tqdm
+
+from cnnjax import checkpoint, models, optim, parallel, steps
+from cnnjax import metrics as metrics_lib
+from cnnjax.data import pipeline
+from cnnjax.data import tfds as tfds_lib
+from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from cnnjax.train_state import abstract_train_state, create_train_state
+
+# Config keys that define what a workdir's checkpoints contain: resuming with other values
+# would fail to restore or silently mix two different runs.
+IDENTITY_KEYS = ("model", "model_kwargs", "dataset", "optimizer", "dtype")
+METRIC_KEYS = ("loss", "correct", "count")
+
+
+@dataclasses.dataclass
+class Data:
+    """A dataset ready to train on: resident on the device, or streamed from the builder."""
+
+    info: pipeline.DatasetInfo
+    builder: object
+    train: dict | None = None  # device arrays when resident
+    evals: dict = dataclasses.field(default_factory=dict)  # role -> padded device arrays
+
+    @property
+    def resident(self) -> bool:
+        return self.train is not None
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the epoch loop needs, built once."""
+
+    config: object
+    workdir: Path
+    mesh: object
+    data: Data
+    steps_per_epoch: int
+    train_fn: object
+    eval_fn: object
+    schedule: object
+    key: jax.Array  # data-order key
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started (imports included)."""
+    return time.time() - psutil.Process().create_time()
+
+
+def check_workdir(config, workdir: Path) -> None:
+    """Refuses a workdir that holds a different run; writes config.json otherwise."""
+    saved_path = workdir / "config.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        current = json.loads(config.to_json_best_effort())
+        diff = [k for k in IDENTITY_KEYS if k in saved and saved[k] != current.get(k)]
+        if diff:
+            details = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in diff)
+            raise CheckpointError(
+                f"workdir {workdir} holds a different run ({details}); use another --workdir "
+                "or the original config"
+            )
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        saved_path.write_text(config.to_json_best_effort(indent=2))
+
+
+def load_data(config, mesh) -> Data:
+    """Prepares the dataset and, when it fits, puts it on the device whole."""
+    d = config.data
+    builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir)
+    sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+    roles = pipeline.split_names(sizes, d.validation_fraction)
+    if not pipeline.fits_in_memory(builder, d.in_memory, d.in_memory_max_bytes):
+        sample = next(pipeline.stream_batches(builder, roles["train"], pipeline.STATS_SAMPLE,
+                                              seed=0, epoch=0, train=False,
+                                              image_size=d.image_size))  # fmt: skip
+        stats = pipeline.channel_stats(sample["image"])
+        return Data(pipeline.dataset_info(builder, roles, *stats, d.limit_examples), builder)
+    arrays = {r: pipeline.load_arrays(builder, s, d.limit_examples) for r, s in roles.items()}
+    stats = pipeline.channel_stats(arrays["train"]["image"])
+    put = partial(jax.device_put, device=parallel.replicated(mesh))
+    evals = {
+        role: put(pipeline.resident_eval_split(arrays[role], d.eval_batch_size))
+        for role in ("validation", "test")
+    }
+    info = pipeline.dataset_info(builder, roles, *stats, d.limit_examples)
+    return Data(info, builder, train=put(arrays["train"]), evals=evals)
+
+
+def build_model(config, num_classes: int):
+    """The configured model, computing in ``config.dtype``."""
+    kwargs = dict(config.model_kwargs)
+    return models.get(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
+
+
+def compile_steps(config, data: Data, mesh):
+    """Jits the train and eval steps once; returns ``(train_fn, eval_fn)``.
+
+    Resident data: ``train_fn(state, acc, split, order, i)`` gathers batch ``i`` on the device
+    and ``eval_fn(state, acc, split, i)``; streaming: ``train_fn(state, acc, batch)`` and
+    ``eval_fn(state, acc, batch)``. ``acc`` holds the metric sums; state and sums are donated.
+    """
+    mean, std = jnp.asarray(data.info.mean), jnp.asarray(data.info.std)
+    dtype = jnp.dtype(config.dtype)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
+    to_batch_sharding = partial(
+        jax.lax.with_sharding_constraint, shardings=parallel.batch_sharding(mesh)
+    )
+
+    def prepare(batch):
+        batch = to_batch_sharding(batch)
+        return {**batch, "image": steps.normalize(batch["image"], mean, std, dtype)}
+
+    def train(state, acc, batch):
+        ls = config.label_smoothing
+        state, sums = steps.train_step(state, prepare(batch), key, label_smoothing=ls)
+        return state, jax.tree.map(jnp.add, acc, sums)
+
+    def evaluate(state, acc, batch):
+        return jax.tree.map(jnp.add, acc, steps.eval_step(state, prepare(batch)))
+
+    if data.resident:
+        bs, ebs = config.batch_size, config.data.eval_batch_size
+        train_from = lambda s, a, split, order, i: train(
+            s, a, pipeline.take_batch(split, order, i, bs)
+        )
+        eval_from = lambda s, a, split, i: evaluate(s, a, pipeline.slice_batch(split, i, ebs))
+        return jax.jit(train_from, donate_argnums=(0, 1)), jax.jit(eval_from, donate_argnums=1)
+    return jax.jit(train, donate_argnums=(0, 1)), jax.jit(evaluate, donate_argnums=1)
+
+
+def zero_sums(mesh) -> dict:
+    """Fresh on-device metric sums."""
+    zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+    return jax.device_put(zeros, parallel.replicated(mesh))
+
+
+def initial_state(config, model, tx, input_shape, mesh):
+    """A fresh TrainState, replicated over the mesh."""
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    state = create_train_state(model, tx, init_key, input_shape)
+    return jax.device_put(state, parallel.replicated(mesh))
+
+
+def restore_or_init(run: Run, mngr, model, tx):
+    """Resumes from the latest checkpoint if there is one. Returns ``(state, epochs_done)``."""
+    shape = run.data.info.image_shape
+    if mngr.latest_step() is None:
+        return initial_state(run.config, model, tx, shape, run.mesh), 0
+    target = abstract_train_state(model, tx, jax.random.key(0), shape)
+    target = checkpoint.abstract_with_sharding(target, parallel.replicated(run.mesh))
+    state, meta = checkpoint.restore(mngr, target)
+    return state, int(meta["epoch"])
+
+
+def evaluate(run: Run, state, role: str) -> dict:
+    """Loss and accuracy on split ``role`` (validation or test), every example counted once."""
+    acc = zero_sums(run.mesh)
+    if run.data.resident:
+        split = run.data.evals[role]
+        for i in range(len(split["label"]) // run.config.data.eval_batch_size):
+            acc = run.eval_fn(state, acc, split, i)
+    else:
+        for batch in stream(run, role, epoch=0, train=False):
+            acc = run.eval_fn(state, acc, batch)
+    return metrics_lib.means(acc, "test" if role == "test" else "eval")
+
+
+def stream(run: Run, role: str, epoch: int, train: bool):
+    """Streaming batches of split ``role`` placed on the mesh."""
+    c = run.config
+    batches = pipeline.stream_batches(
+        run.data.builder,
+        run.data.info.splits[role],
+        c.batch_size if train else c.data.eval_batch_size,
+        seed=c.seed,
+        epoch=epoch,
+        train=train,
+        image_size=c.data.image_size,
+        limit=c.data.limit_examples,
+    )
+    for batch in batches:
+        yield parallel.host_to_global(batch, run.mesh)
+
+
+def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):
+    """One epoch. Returns ``(state, train_metrics, images_per_sec)``; images/s excludes the
+    first step of the process (compilation)."""
+    c, acc = run.config, zero_sums(run.mesh)
+    if run.data.resident:
+        order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
+        batches = ((run.data.train, order, i) for i in range(run.steps_per_epoch))
+    else:
+        batches = ((b,) for b in stream(run, "train", epoch, train=True))
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{c.num_epochs}",
+               disable=None if jax.process_index() == 0 else True, leave=False)  # fmt: skip
+    start, timed_steps = time.perf_counter(), run.steps_per_epoch
+    for i, args in enumerate(batches):
+        state, acc = run.train_fn(state, acc, *args)
+        if i == 0 and first_in_process:
+            jax.block_until_ready(acc)
+            start, timed_steps = time.perf_counter(), run.steps_per_epoch - 1
+        if (i + 1) % c.log_every_steps == 0:
+            log_progress(run, bar, writer, int(state.step), acc, start, i)
+    train_metrics = metrics_lib.means(acc, "train")  # fetching waits for the last step
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return state, train_metrics, timed_steps * c.batch_size / max(elapsed, 1e-9)
+
+
+def log_progress(run: Run, bar, writer, step: int, acc, start: float, i: int) -> None:
+    """Progress bar and TensorBoard update (the one device fetch per log interval)."""
+    m = metrics_lib.means(acc, "train")
+    rate = (i + 1) * run.config.batch_size / max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix(loss=f"{m['train_loss']:.4f}", acc=f"{m['train_accuracy']:.4f}",
+                    img_s=f"{rate:.0f}")  # fmt: skip
+    bar.update(run.config.log_every_steps)
+    writer.scalars(step, {**m, "learning_rate": run.schedule(step)})
+
+
+def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
+    """The metrics.jsonl line of a finished epoch (test metrics on the last one)."""
+    line = {"epoch": epoch + 1, "step": int(state.step), **train_m, **evaluate(run, state,
+            "validation")}  # fmt: skip
+    if epoch + 1 == run.config.num_epochs:
+        line.update(evaluate(run, state, "test"))
+    line["learning_rate"] = float(run.schedule(int(state.step)))
+    line["train_images_per_sec"] = round(ips, 1)
+    line["wall_s"] = round(wall_seconds(), 2)
+    return line
+
+
+def setup(config, workdir: Path) -> Run:
+    """Mesh, data, optimizer and compiled steps for ``config``."""
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+    data = load_data(config, mesh)
+    steps_per_epoch = data.info.num_examples["train"] // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size={config.batch_size} exceeds the {data.info.num_examples['train']} "
+            "training examples"
+        )
+    _, schedule = optim.create_optimizer(config, steps_per_epoch)
+    train_fn, eval_fn = compile_steps(config, data, mesh)
+    key = jax.random.fold_in(jax.random.key(config.seed), 2)  # data-order stream
+    return Run(config, workdir, mesh, data, steps_per_epoch, train_fn, eval_fn, schedule, key)
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last
+    epoch's metrics line.
+
+    Raises:
+      CnnjaxError: bad names, missing data, an incompatible workdir, or a diverged loss.
+    """
+    workdir = Path(workdir)
+    check_workdir(config, workdir)
+    run = setup(config, workdir)
+    if jax.process_index() == 0:
+        run.data.info.save(workdir / "dataset.json")
+    model = build_model(config, run.data.info.num_classes)
+    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
+    mngr = checkpoint.manager(workdir, config.checkpointing.max_to_keep)
+    writer = metrics_lib.Writer(workdir)
+    try:
+        state, done = restore_or_init(run, mngr, model, tx)
+        writer.truncate_after(done)
+        return fit(run, state, done, mngr, writer)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+
+
+def fit(run: Run, state, done: int, mngr, writer) -> dict:
+    """Epochs ``done + 1 .. num_epochs``, with evaluation and checkpoints."""
+    c, line = run.config, {}
+    if done >= c.num_epochs:
+        print(f"{run.workdir}: already trained {done} epochs; raise --config.num_epochs to go on")
+        lines = metrics_lib.read_lines(run.workdir)
+        return lines[-1] if lines else {}
+    for epoch in range(done, c.num_epochs):
+        state, train_m, ips = train_epoch(run, state, epoch, writer, epoch == done)
+        line = epoch_line(run, state, epoch, train_m, ips)
+        if not metrics_lib.all_finite(line):
+            raise TrainingDivergedError(
+                f"loss is not finite at epoch {epoch + 1} (step {int(state.step)}); the last "
+                f"good checkpoint (step {mngr.latest_step()}) is kept: lower the learning rate "
+                "or enable --config.grad_clip_norm"
+            )
+        writer.epoch(line)
+        if jax.process_index() == 0:
+            print(format_line(line), flush=True)
+        if (epoch + 1) % c.checkpointing.every_epochs == 0 or epoch + 1 == c.num_epochs:
+            checkpoint.save(mngr, state, epoch + 1, {k: v for k, v in line.items() if k != "epoch"})
+    return line
+
+
+def format_line(line: dict) -> str:
+    """One human-readable line per epoch."""
+    parts = [f"epoch {line['epoch']}"]
+    for k, v in line.items():
+        if k != "epoch":
+            parts.append(f"{k}={v:.4f}" if isinstance(v, float) and v < 100 else f"{k}={v}")
+    return " ".join(parts)
