@@ -66,7 +66,11 @@ def predict_logits(state, images):
 
 
 def eval_step(state, batch):
-    """Metric sums of the model on ``batch`` (eval mode), counting only ``mask``-ed examples."""
+    """Metric sums of the model on ``batch`` (eval mode), counting only ``mask``-ed examples,
+    plus the ``confusion`` matrix (K, K): rows are true labels, columns predictions."""
     logits = predict_logits(state, batch["image"])
     loss = cross_entropy(logits, batch["label"])
-    return metric_sums(logits, batch["label"], loss, batch["mask"].astype(jnp.float32))
+    weights = batch["mask"].astype(jnp.float32)
+    confusion = jnp.zeros((logits.shape[-1],) * 2, jnp.float32)
+    confusion = confusion.at[batch["label"], jnp.argmax(logits, -1)].add(weights)
+    return {**metric_sums(logits, batch["label"], loss, weights), "confusion": confusion}

@@ -83,13 +83,21 @@ def check_workdir(config, workdir: Path) -> None:
 def load_data(config, mesh) -> Data:
     """Prepares the dataset and, when it fits, puts it on the device whole."""
     d = config.data
-    builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir)
+    builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir, d.download)
     sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
     roles = pipeline.split_names(sizes, d.validation_fraction)
     if not pipeline.fits_in_memory(builder, d.in_memory, d.in_memory_max_bytes):
-        sample = next(pipeline.stream_batches(builder, roles["train"], pipeline.STATS_SAMPLE,
-                                              seed=0, epoch=0, train=False,
-                                              image_size=d.image_size))  # fmt: skip
+        sample = next(
+            pipeline.stream_batches(
+                builder,
+                roles["train"],
+                pipeline.STATS_SAMPLE,
+                seed=0,
+                epoch=0,
+                train=False,
+                image_size=d.image_size,
+            )
+        )
         stats = pipeline.channel_stats(sample["image"])
         return Data(pipeline.dataset_info(builder, roles, *stats, d.limit_examples), builder)
     arrays = {r: pipeline.load_arrays(builder, s, d.limit_examples) for r, s in roles.items()}
@@ -145,9 +153,11 @@ def compile_steps(config, data: Data, mesh):
     return jax.jit(train, donate_argnums=(0, 1)), jax.jit(evaluate, donate_argnums=1)
 
 
-def zero_sums(mesh) -> dict:
-    """Fresh on-device metric sums."""
+def zero_sums(mesh, num_classes: int | None = None) -> dict:
+    """Fresh on-device metric sums (with a confusion matrix for evaluation)."""
     zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+    if num_classes:
+        zeros["confusion"] = jnp.zeros((num_classes, num_classes), jnp.float32)
     return jax.device_put(zeros, parallel.replicated(mesh))
 
 
@@ -158,20 +168,25 @@ def initial_state(config, model, tx, input_shape, mesh):
     return jax.device_put(state, parallel.replicated(mesh))
 
 
+def restore(run: Run, mngr, model, tx, step: int | None = None):
+    """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated."""
+    target = abstract_train_state(model, tx, jax.random.key(0), run.data.info.image_shape)
+    target = checkpoint.abstract_with_sharding(target, parallel.replicated(run.mesh))
+    return checkpoint.restore(mngr, target, step)
+
+
 def restore_or_init(run: Run, mngr, model, tx):
     """Resumes from the latest checkpoint if there is one. Returns ``(state, epochs_done)``."""
-    shape = run.data.info.image_shape
     if mngr.latest_step() is None:
-        return initial_state(run.config, model, tx, shape, run.mesh), 0
-    target = abstract_train_state(model, tx, jax.random.key(0), shape)
-    target = checkpoint.abstract_with_sharding(target, parallel.replicated(run.mesh))
-    state, meta = checkpoint.restore(mngr, target)
+        return initial_state(run.config, model, tx, run.data.info.image_shape, run.mesh), 0
+    state, meta = restore(run, mngr, model, tx)
     return state, int(meta["epoch"])
 
 
-def evaluate(run: Run, state, role: str) -> dict:
-    """Loss and accuracy on split ``role`` (validation or test), every example counted once."""
-    acc = zero_sums(run.mesh)
+def eval_sums(run: Run, state, role: str) -> dict:
+    """Metric sums and confusion matrix on split ``role`` (validation or test), every example
+    counted once."""
+    acc = zero_sums(run.mesh, run.data.info.num_classes)
     if run.data.resident:
         split = run.data.evals[role]
         for i in range(len(split["label"]) // run.config.data.eval_batch_size):
@@ -179,7 +194,12 @@ def evaluate(run: Run, state, role: str) -> dict:
     else:
         for batch in stream(run, role, epoch=0, train=False):
             acc = run.eval_fn(state, acc, batch)
-    return metrics_lib.means(acc, "test" if role == "test" else "eval")
+    return jax.device_get(acc)
+
+
+def evaluate(run: Run, state, role: str) -> dict:
+    """``{eval|test}_loss`` and ``_accuracy`` on split ``role``."""
+    return metrics_lib.means(eval_sums(run, state, role), "test" if role == "test" else "eval")
 
 
 def stream(run: Run, role: str, epoch: int, train: bool):
@@ -208,8 +228,12 @@ def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):
         batches = ((run.data.train, order, i) for i in range(run.steps_per_epoch))
     else:
         batches = ((b,) for b in stream(run, "train", epoch, train=True))
-    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{c.num_epochs}",
-               disable=None if jax.process_index() == 0 else True, leave=False)  # fmt: skip
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{c.num_epochs}",
+        disable=None if jax.process_index() == 0 else True,
+        leave=False,
+    )
     start, timed_steps = time.perf_counter(), run.steps_per_epoch
     for i, args in enumerate(batches):
         state, acc = run.train_fn(state, acc, *args)
@@ -228,16 +252,21 @@ def log_progress(run: Run, bar, writer, step: int, acc, start: float, i: int) ->
     """Progress bar and TensorBoard update (the one device fetch per log interval)."""
     m = metrics_lib.means(acc, "train")
     rate = (i + 1) * run.config.batch_size / max(time.perf_counter() - start, 1e-9)
-    bar.set_postfix(loss=f"{m['train_loss']:.4f}", acc=f"{m['train_accuracy']:.4f}",
-                    img_s=f"{rate:.0f}")  # fmt: skip
+    bar.set_postfix(
+        loss=f"{m['train_loss']:.4f}", acc=f"{m['train_accuracy']:.4f}", img_s=f"{rate:.0f}"
+    )
     bar.update(run.config.log_every_steps)
     writer.scalars(step, {**m, "learning_rate": run.schedule(step)})
 
 
 def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     """The metrics.jsonl line of a finished epoch (test metrics on the last one)."""
-    line = {"epoch": epoch + 1, "step": int(state.step), **train_m, **evaluate(run, state,
-            "validation")}  # fmt: skip
+    line = {
+        "epoch": epoch + 1,
+        "step": int(state.step),
+        **train_m,
+        **evaluate(run, state, "validation"),
+    }
     if epoch + 1 == run.config.num_epochs:
         line.update(evaluate(run, state, "test"))
     line["learning_rate"] = float(run.schedule(int(state.step)))

@@ -28,6 +28,6 @@ def resolve(name_or_path: str) -> str:
 
 def get(name: str):
     """The ConfigDict of preset ``name`` (for Python users and tests)."""
-    from ml_collections import config_flags
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-    return config_flags.load_config_file(resolve(name))
+    return ConfigFileFlagParser(name="config").parse(resolve(name))

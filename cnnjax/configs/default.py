@@ -38,6 +38,7 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: ~/tensorflow_datasets)
     c.data.local_dir = config_dict.placeholder(str)  # original files, used when offline
+    c.data.download = True  # False: never try to download (fail at once if not prepared)
     c.data.validation_fraction = 0.1  # carved from train when the dataset has no validation split
     c.data.in_memory = "auto"  # auto | yes | no: keep the whole dataset on the device
     c.data.in_memory_max_bytes = 2 * 1024**3  # auto: datasets up to this size stay on device

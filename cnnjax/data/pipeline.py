@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import ConfigError
 
 STATS_SAMPLE = 10_000  # images used to estimate the per-channel mean and std
@@ -69,7 +68,9 @@ def split_names(split_sizes: dict, validation_fraction: float) -> dict:
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images (N, H, W, C), in [0, 1] units."""
     x = images[:STATS_SAMPLE].astype(np.float64) / 255.0
-    return tuple(x.mean(axis=(0, 1, 2)).tolist()), tuple(np.maximum(x.std((0, 1, 2)), 1e-3).tolist())
+    return tuple(x.mean(axis=(0, 1, 2)).tolist()), tuple(
+        np.maximum(x.std((0, 1, 2)), 1e-3).tolist()
+    )
 
 
 def load_arrays(builder, split: str, limit: int = 0) -> dict:
@@ -90,8 +91,17 @@ def _limit_split(split: str, limit: int) -> str:
     return f"{name}[{start}:{start + limit}]"
 
 
-def stream_batches(builder, split: str, batch_size: int, *, seed: int, epoch: int, train: bool,
-                   image_size: int | None = None, limit: int = 0):  # fmt: skip
+def stream_batches(
+    builder,
+    split: str,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    train: bool,
+    image_size: int | None = None,
+    limit: int = 0,
+):
     """This process's batches of ``split`` as numpy dicts, through tf.data.
 
     Training batches are shuffled with a seed derived from ``(seed, epoch)`` (so a resumed epoch
@@ -125,8 +135,10 @@ def stream_batches(builder, split: str, batch_size: int, *, seed: int, epoch: in
 def pad_batch(batch: dict, size: int) -> dict:
     """Pads a (last, short) eval batch to ``size`` rows and adds the ``mask`` of real rows."""
     n = len(batch["label"])
-    padded = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
-              for k, v in batch.items()}  # fmt: skip
+    padded = {
+        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }
     padded["mask"] = np.arange(size) < n
     return padded
 
@@ -151,8 +163,9 @@ def take_batch(split: dict, order: jax.Array, index, batch_size: int) -> dict:
 
 def slice_batch(split: dict, index, batch_size: int) -> dict:
     """Batch ``index`` of a device-resident split in stored order (evaluation)."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, index * batch_size, batch_size),
-                        split)  # fmt: skip
+    return jax.tree.map(
+        lambda a: jax.lax.dynamic_slice_in_dim(a, index * batch_size, batch_size), split
+    )
 
 
 def fits_in_memory(builder, mode: str, max_bytes: int) -> bool:

@@ -25,7 +25,7 @@ SYSTEM_COPIES = {
 }
 
 
-def builder(name: str, data_dir: str | None, local_dir: str | None = None):
+def builder(name: str, data_dir: str | None, local_dir: str | None = None, download=True):
     """Returns the prepared TFDS builder of ``name``, preparing it first if needed.
 
     Args:
@@ -33,6 +33,7 @@ def builder(name: str, data_dir: str | None, local_dir: str | None = None):
       data_dir: TFDS data directory (None: TFDS's default, ``~/tensorflow_datasets``).
       local_dir: a directory with the dataset's original files, used when TFDS has not prepared
         the dataset yet (tried before any download).
+      download: whether downloading is allowed as the last resort.
 
     Raises:
       UnknownNameError: ``name`` is not a TFDS dataset.
@@ -52,14 +53,25 @@ def builder(name: str, data_dir: str | None, local_dir: str | None = None):
         url_infos = _local_url_infos(cls, Path(directory))
         if url_infos:
             return _prepare_from_local(cls, data_dir, Path(directory), url_infos)
-    _check_reachable(cls, name, ds_builder.data_dir, candidates)
+    _check_reachable(cls, name, ds_builder.data_dir, candidates, download)
     ds_builder.download_and_prepare()
     return ds_builder
 
 
 # Shown when a dataset name is unknown (TFDS has ~1,000 datasets; these are the common ones).
-_IMAGE_DATASETS_HINT = ["mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100",
-                        "svhn_cropped", "stl10", "imagenette", "imagenet2012", "... (tfds.list_builders())"]  # fmt: skip
+_IMAGE_DATASETS_HINT = [
+    "mnist",
+    "fashion_mnist",
+    "kmnist",
+    "emnist",
+    "cifar10",
+    "cifar100",
+    "svhn_cropped",
+    "stl10",
+    "imagenette",
+    "imagenet2012",
+    "... (tfds.list_builders())",
+]
 
 
 def _import_tfds():
@@ -124,18 +136,21 @@ def _prepare_from_local(cls, data_dir, directory: Path, url_infos: dict):
     return cls(data_dir=data_dir)
 
 
-def _check_reachable(cls, name: str, target: str, tried: list[str]) -> None:
-    """Fails fast (instead of TFDS's minutes of retries) when the download hosts don't resolve."""
+def _check_reachable(cls, name: str, target, tried: list[str], download: bool) -> None:
+    """Fails fast (instead of TFDS's minutes of retries) when downloading is off or the download
+    hosts don't resolve."""
+    reason = None if download else "downloads are off (data.download=False)"
     hosts = {urllib.parse.urlparse(url).hostname for url in (cls.url_infos or {})}
-    for host in sorted(h for h in hosts if h):
+    for host in sorted(h for h in hosts if h and not reason):
         try:
             socket.getaddrinfo(host, 443)
         except OSError:
-            tried_text = ", ".join(tried) if tried else "none known for this dataset"
-            hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else ""
-            raise DataUnavailableError(
-                f"dataset {name!r} is not prepared in {target} and cannot be downloaded "
-                f"({host} is unreachable); local copies tried: {tried_text}. Fix: put the "
-                f"original files in a directory and pass --config.data.local_dir=DIR{hint}, "
-                "or prepare it once on a machine with internet."
-            ) from None
+            reason = f"{host} is unreachable"
+    if reason:
+        tried_text = ", ".join(tried) if tried else "none known for this dataset"
+        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else ""
+        raise DataUnavailableError(
+            f"dataset {name!r} is not prepared in {target} and cannot be downloaded ({reason}); "
+            f"local copies tried: {tried_text}. Fix: pass --config.data.local_dir=DIR with the "
+            f"original files{hint}, or prepare it once on a machine with internet"
+        )

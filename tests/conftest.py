@@ -1,0 +1,38 @@
+"""Test-wide setup: 4 fake CPU devices (set before JAX initialises) and shared fixtures."""
+
+import os
+
+# Several devices on one CPU, so sharding is tested everywhere. Must precede the first JAX use.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fmnist_data_dir(tmp_path_factory):
+    """A TFDS data_dir with the real Fashion-MNIST prepared offline from the Debian files."""
+    if not os.path.isdir(DEBIAN_FASHION_MNIST):
+        pytest.fail(
+            f"{DEBIAN_FASHION_MNIST} is missing: apt-get install dataset-fashion-mnist "
+            "(.ci/run installs it)"
+        )
+    from cnnjax.data import tfds as tfds_lib
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds_lib.builder("fashion_mnist", str(data_dir))
+    return str(data_dir)
+
+
+@pytest.fixture
+def tiny_config(fmnist_data_dir):
+    """The ``tiny`` preset reading the offline Fashion-MNIST."""
+    from cnnjax import configs
+
+    config = configs.get("tiny")
+    config.data.data_dir = fmnist_data_dir
+    return config

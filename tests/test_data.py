@@ -1,0 +1,115 @@
+"""Data: TFDS offline preparation from local copies, split roles, device-resident batching."""
+
+import gzip
+import shutil
+import socket
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DEBIAN_FASHION_MNIST
+
+from cnnjax.data import pipeline
+from cnnjax.data import tfds as tfds_lib
+from cnnjax.errors import ConfigError, DataUnavailableError, UnknownNameError
+
+
+def test_split_roles():
+    carve = pipeline.split_names({"train": 60000, "test": 10000}, 0.1)
+    assert carve == {"train": "train[:54000]", "validation": "train[54000:]", "test": "test"}
+    no_val = pipeline.split_names({"train": 60000, "test": 10000}, 0.0)
+    assert no_val == {"train": "train", "validation": "test", "test": "test"}
+    own = pipeline.split_names({"train": 9, "validation": 3, "test": 3}, 0.1)
+    assert own == {"train": "train", "validation": "validation", "test": "test"}
+    imagenet = pipeline.split_names({"train": 100, "validation": 10}, 0.0)
+    assert imagenet["test"] == "validation"
+    with pytest.raises(ConfigError):
+        pipeline.split_names({"train": 10, "test": 1}, 1.0)
+
+
+def test_offline_fashion_mnist_is_the_real_dataset(fmnist_data_dir):
+    builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
+    assert builder.is_prepared()
+    test = pipeline.load_arrays(builder, "test")
+    assert test["image"].shape == (10000, 28, 28, 1) and test["image"].dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(test["label"]), [1000] * 10)
+    # The same examples as the raw IDX files (TFDS stores them in its own shuffled order).
+    with gzip.open(f"{DEBIAN_FASHION_MNIST}/t10k-images-idx3-ubyte.gz") as f:
+        raw_images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(10000, 28 * 28)
+    with gzip.open(f"{DEBIAN_FASHION_MNIST}/t10k-labels-idx1-ubyte.gz") as f:
+        raw_labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    ours = test["image"].reshape(10000, -1).astype(np.int64)
+    for c in range(10):
+        np.testing.assert_array_equal(
+            np.sort(ours[test["label"] == c].sum(1)),
+            np.sort(raw_images[raw_labels == c].astype(np.int64).sum(1)),
+        )
+    limited = pipeline.load_arrays(builder, "train[54000:]", limit=100)
+    assert limited["image"].shape[0] == 100
+
+
+def test_registered_checksums_are_the_debian_files():
+    infos = tfds_lib.registered_url_infos("fashion_mnist")
+    assert len(infos) == 4
+    cls = tfds_lib._import_tfds().builder_cls("fashion_mnist")
+    accepted = tfds_lib._local_url_infos(cls, tfds_lib.Path(DEBIAN_FASHION_MNIST))
+    assert accepted == infos  # every Debian file is accepted through the registered table
+
+
+def test_corrupt_local_copy_is_rejected(tmp_path):
+    for f in tfds_lib.Path(DEBIAN_FASHION_MNIST).iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-10])
+    cls = tfds_lib._import_tfds().builder_cls("fashion_mnist")
+    assert tfds_lib._local_url_infos(cls, tmp_path) is None
+
+
+def test_missing_dataset_offline_gives_one_actionable_line(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    with pytest.raises(DataUnavailableError) as info:
+        tfds_lib.builder("mnist", str(tmp_path), local_dir=str(tmp_path / "nowhere"))
+    message = str(info.value)
+    assert "'mnist'" in message and "nowhere" in message and "local_dir" in message
+    assert "\n" not in message
+    with pytest.raises(DataUnavailableError, match="downloads are off"):
+        tfds_lib.builder("kmnist", str(tmp_path), download=False)
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(
+        UnknownNameError, match="unknown TFDS dataset 'fashion_mnst'.*fashion_mnist"
+    ):
+        tfds_lib.builder("fashion_mnst", None)
+
+
+def test_resident_batches_cover_every_example_once_per_epoch():
+    split = {"image": jnp.arange(40).reshape(40, 1, 1, 1), "label": jnp.arange(40)}
+    key = jax.random.key(0)
+    order = pipeline.epoch_permutation(key, 3, 40)
+    seen = np.concatenate([pipeline.take_batch(split, order, i, 8)["label"] for i in range(5)])
+    assert sorted(seen.tolist()) == list(range(40))
+    again = pipeline.epoch_permutation(key, 3, 40)
+    np.testing.assert_array_equal(order, again)  # the same epoch replays the same order
+    assert not np.array_equal(order, pipeline.epoch_permutation(key, 4, 40))
+
+
+def test_eval_padding_masks_the_filler():
+    arrays = {"image": np.ones((5, 2, 2, 1), np.uint8), "label": np.arange(5, dtype=np.int32)}
+    padded = pipeline.resident_eval_split(arrays, 4)
+    assert padded["label"].shape == (8,)
+    np.testing.assert_array_equal(padded["mask"], [1, 1, 1, 1, 1, 0, 0, 0])
+    sliced = pipeline.slice_batch(jax.tree.map(jnp.asarray, padded), 1, 4)
+    np.testing.assert_array_equal(sliced["label"], [4, 0, 0, 0])
+
+
+def test_channel_stats_are_per_channel():
+    images = np.zeros((10, 2, 2, 3), np.uint8)
+    images[..., 1] = 255
+    mean, std = pipeline.channel_stats(images)
+    np.testing.assert_allclose(mean, [0, 1, 0])
+    assert min(std) > 0  # floored: a constant channel must not divide by zero

@@ -1,0 +1,110 @@
+"""End to end on the tiny preset: outputs, resume, bit-identical restarts, evaluate, errors."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint, optim, trainer
+from cnnjax.errors import CheckpointError, TrainingDivergedError
+from cnnjax.evaluate import evaluate_checkpoint
+
+LINE_KEYS = {
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "eval_loss",
+    "eval_accuracy",
+    "train_images_per_sec",
+    "wall_s",
+}
+
+
+def final_params(config, workdir):
+    """The params of the latest checkpoint in ``workdir``."""
+    run = trainer.setup(config, workdir)
+    model = trainer.build_model(config, run.data.info.num_classes)
+    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
+    mngr = checkpoint.manager(workdir, read_only=True)
+    state, meta = trainer.restore(run, mngr, model, tx)
+    return jax.device_get(state.params), meta
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
+    line = trainer.train_and_evaluate(tiny_config, tmp_path)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert set(lines[0]) >= LINE_KEYS and "test_accuracy" not in lines[0]
+    assert {"test_loss", "test_accuracy"} <= set(lines[-1]) and lines[-1] == line
+    assert all(math.isfinite(v) for x in lines for v in x.values())
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert lines[-1]["test_accuracy"] > 0.5  # 2 tiny epochs on 512 images: far above chance
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"] == "simple_cnn" and saved["dataset"] == "fashion_mnist"
+    assert json.loads((tmp_path / "dataset.json").read_text())["num_classes"] == 10
+    assert any((tmp_path / "tensorboard").iterdir())
+    mngr = checkpoint.manager(tmp_path, read_only=True)
+    assert mngr.all_steps() == [16, 32]  # 512 / 32 = 16 steps per epoch
+
+    # The same command again is a no-op; evaluate agrees with the trainer's last test line.
+    assert trainer.train_and_evaluate(tiny_config, tmp_path) == line
+    result = evaluate_checkpoint(tmp_path, step=32, split="test")
+    assert result["test_accuracy"] == pytest.approx(line["test_accuracy"], abs=1e-6)
+    assert result["test_loss"] == pytest.approx(line["test_loss"], rel=1e-5)
+    assert sum(map(sum, result["confusion"])) == 512
+
+
+def test_resume_is_bit_identical_and_trains_only_remaining_epochs(tiny_config, tmp_path):
+    straight = tmp_path / "straight"
+    trainer.train_and_evaluate(tiny_config, straight)
+
+    resumed = tmp_path / "resumed"
+    first = tiny_config.copy_and_resolve_references()
+    first.num_epochs = 1
+    trainer.train_and_evaluate(first, resumed)
+    trainer.train_and_evaluate(tiny_config, resumed)
+    epochs = [json.loads(s)["epoch"] for s in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+    a, meta_a = final_params(tiny_config, straight)
+    b, meta_b = final_params(tiny_config, resumed)
+    assert meta_a["epoch"] == meta_b["epoch"] == 2
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_step_functions_compile_once(tiny_config, tmp_path):
+    run = trainer.setup(tiny_config, tmp_path)
+    model = trainer.build_model(tiny_config, 10)
+    tx, _ = optim.create_optimizer(tiny_config, run.steps_per_epoch)
+    state = trainer.initial_state(tiny_config, model, tx, (28, 28, 1), run.mesh)
+    writer = trainer.metrics_lib.Writer(tmp_path)
+    for epoch in range(2):
+        state, _, _ = trainer.train_epoch(run, state, epoch, writer, epoch == 0)
+        trainer.evaluate(run, state, "validation")
+    assert run.train_fn._cache_size() == 1 and run.eval_fn._cache_size() == 1
+
+
+def test_workdir_of_another_run_is_refused(tiny_config, tmp_path):
+    trainer.check_workdir(tiny_config, tmp_path)
+    other = tiny_config.copy_and_resolve_references()
+    other.model = "cifar_cnn"
+    with pytest.raises(CheckpointError, match="different run.*simple_cnn.*cifar_cnn"):
+        trainer.train_and_evaluate(other, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == "simple_cnn"
+
+
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    good = tiny_config.copy_and_resolve_references()
+    good.num_epochs = 1
+    trainer.train_and_evaluate(good, tmp_path)
+    bad = tiny_config.copy_and_resolve_references()
+    bad.learning_rate = float("nan")
+    with pytest.raises(TrainingDivergedError, match="not finite at epoch 2.*step 16"):
+        trainer.train_and_evaluate(bad, tmp_path)
+    assert checkpoint.manager(tmp_path, read_only=True).all_steps() == [16]
+    params, meta = final_params(good, tmp_path)
+    assert meta["epoch"] == 1
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
