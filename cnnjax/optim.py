@@ -20,9 +20,9 @@ def _warmup_cosine(c, total, warmup):
 
 
 def _onecycle(c, total, warmup):
-    return optax.cosine_onecycle_schedule(
-        total, c.learning_rate, pct_start=max(warmup, 1) / total, div_factor=25.0
-    )
+    # The rise takes warmup_epochs, but never more than 30% of a (short) run.
+    pct_start = min(max(warmup, 1) / total, 0.3)
+    return optax.cosine_onecycle_schedule(total, c.learning_rate, pct_start, div_factor=25.0)
 
 
 def _piecewise(c, total, warmup):
