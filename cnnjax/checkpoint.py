@@ -1,32 +1,40 @@
 """Orbax checkpoints of a run: ``WORKDIR/checkpoints/<step>/{state,meta}``.
 
-Kept: the latest ``max_to_keep`` checkpoints plus the best one by ``eval_accuracy``. ``meta``
+Kept: the latest ``max_to_keep`` checkpoints plus the best by a metric. ``meta``
 holds the epoch and that epoch's metrics; the data order and dropout keys derive from
 ``(seed, epoch, step)``, so restoring ``state`` and ``epoch`` is all a bit-identical resume needs.
 """
 
+import json
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
 
 from cnnjax.errors import CheckpointError
 
-BEST_METRIC = "eval_accuracy"
 
-
-def _best_fn(metrics) -> float:
-    return float(metrics.get(BEST_METRIC, float("-inf")))
-
-
-def manager(workdir: str | Path, max_to_keep: int = 2, read_only: bool = False):
-    """The run's CheckpointManager (created on first use unless ``read_only``)."""
+def manager(
+    workdir: str | Path,
+    max_to_keep: int = 2,
+    best_metric: str = "eval_accuracy",
+    best_mode: str = "max",
+    read_only: bool = False,
+):
+    """The run's CheckpointManager (created on first use unless ``read_only``), keeping the
+    latest ``max_to_keep`` checkpoints and the best by ``best_metric``."""
+    worst = float("-inf") if best_mode == "max" else float("inf")
+    best_fn = lambda metrics: float(metrics.get(best_metric, worst))
     policy = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        best_fn=_best_fn,
-        best_mode="max",
+        best_fn=best_fn,
+        best_mode=best_mode,
         preservation_policy=policy.AnyPreservationPolicy(
-            [policy.LatestN(n=max_to_keep), policy.BestN(get_metric_fn=_best_fn, n=1)]
+            [
+                policy.LatestN(n=max_to_keep),
+                policy.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1),
+            ]
         ),
         read_only=read_only,
         create=not read_only,
@@ -71,3 +79,11 @@ def restore(mngr, target, step: int | None = None):
 def abstract_with_sharding(tree, sharding):
     """``jax.ShapeDtypeStruct``s of ``tree`` placed with ``sharding`` (the restore target)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_run_config(workdir: Path) -> ConfigDict:
+    """The config a run was trained with (``WORKDIR/config.json``)."""
+    path = workdir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{workdir} is not a cnnjax run directory (no config.json)")
+    return ConfigDict(json.loads(path.read_text()))

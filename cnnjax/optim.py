@@ -1,11 +1,14 @@
 """Optimizers and learning-rate schedules by name, from the config (all of it is optax)."""
 
+import re
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import optax
 
 from cnnjax.errors import unknown_name
+from cnnjax.train_state import path_str
 
 
 def decay_mask(params):
@@ -64,8 +67,59 @@ _DECOUPLED = {"adamw", "lamb", "lion"}
 
 
 def create_optimizer(config, steps_per_epoch: int):
-    """Returns ``(tx, schedule)`` for ``config.optimizer`` with masked weight decay and optional
-    gradient clipping (``config.grad_clip_norm``)."""
+    """Returns ``(tx, schedule)``: ``config.optimizer`` with masked weight decay and optional
+    gradient clipping, and for transfer learning a ``multi_transform`` that gives parameters
+    matching ``config.freeze`` zero updates and those matching ``config.finetune`` the learning
+    rate times ``config.finetune_lr_factor``."""
+    tx, schedule = _base_optimizer(config, steps_per_epoch)
+    if not (config.freeze or config.finetune):
+        return tx, schedule
+    slow = config.copy_and_resolve_references()
+    slow.learning_rate = config.learning_rate * config.finetune_lr_factor
+    transforms = {
+        "train": tx,
+        "finetune": _base_optimizer(slow, steps_per_epoch)[0],
+        "frozen": optax.set_to_zero(),
+    }
+    return optax.multi_transform(transforms, partial(param_labels, config)), schedule
+
+
+def frozen_pattern(config) -> str:
+    """The regular expression of frozen parameter paths (``backbone``: all but the head)."""
+    return BACKBONE if config.freeze == "backbone" else config.freeze
+
+
+# Every path outside the classifier head (models name their classifier `head`).
+BACKBONE = "^(?!head/)"
+
+
+def param_labels(config, params):
+    """``train`` / ``finetune`` / ``frozen`` for every parameter, by its path."""
+    finetune = re.compile(config.finetune) if config.finetune else None
+    frozen = re.compile(frozen_pattern(config)) if config.freeze else None
+
+    def label(path, _):
+        p = path_str(path)
+        if finetune and finetune.search(p):
+            return "finetune"
+        return "frozen" if frozen and frozen.search(p) else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def create_plateau(config):
+    """optax's ReduceLROnPlateau, or None when ``config.plateau.patience`` is 0. Stepped once per
+    epoch with the validation loss; ``min_scale`` bounds the learning rate from below as a
+    fraction of the schedule's."""
+    p = config.plateau
+    if not p.patience:
+        return None
+    return optax.contrib.reduce_on_plateau(
+        factor=p.factor, patience=p.patience, cooldown=p.cooldown, min_scale=p.min_scale
+    )
+
+
+def _base_optimizer(config, steps_per_epoch: int):
     if config.optimizer not in OPTIMIZERS:
         raise unknown_name("optimizer", config.optimizer, OPTIMIZERS)
     schedule = create_schedule(config, steps_per_epoch)

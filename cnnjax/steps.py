@@ -59,16 +59,21 @@ def train_step(state, batch, key, *, label_smoothing: float = 0.0):
     return state, metric_sums(logits, batch["label"], loss)
 
 
-def predict_logits(state, images):
-    """Eval-mode logits (N, K): BatchNorm uses its running statistics, nothing is mutated."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return state.apply_fn(variables, images, train=False)
+def predict_logits(state, images, *, flip_tta: bool = False):
+    """Eval-mode logits (N, K): BatchNorm uses its running statistics, nothing is mutated, and
+    the EMA weights are used when the state keeps them. ``flip_tta`` averages the logits of the
+    images and their mirror images (test-time augmentation)."""
+    variables = {"params": state.eval_params(), "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, images, train=False)
+    if flip_tta:
+        logits = (logits + state.apply_fn(variables, images[:, :, ::-1], train=False)) / 2
+    return logits
 
 
-def eval_step(state, batch):
+def eval_step(state, batch, *, flip_tta: bool = False):
     """Metric sums of the model on ``batch`` (eval mode), counting only ``mask``-ed examples,
     plus the ``confusion`` matrix (K, K): rows are true labels, columns predictions."""
-    logits = predict_logits(state, batch["image"])
+    logits = predict_logits(state, batch["image"], flip_tta=flip_tta)
     loss = cross_entropy(logits, batch["label"])
     weights = batch["mask"].astype(jnp.float32)
     confusion = jnp.zeros((logits.shape[-1],) * 2, jnp.float32)

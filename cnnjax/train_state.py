@@ -1,18 +1,70 @@
 """The training state: one jittable pytree holding everything a resumed run needs."""
 
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 
+def path_str(path) -> str:
+    """A pytree key path as ``"stage1_block1/conv_bn1/conv/kernel"``."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, opt_state; static apply_fn and tx) plus BatchNorm
-    statistics. ``batch_stats`` is an empty dict for models without BatchNorm."""
+    """Flax's TrainState (step, params, opt_state; static apply_fn and tx) plus:
+
+    Attributes:
+      batch_stats: BatchNorm statistics (an empty dict for models without BatchNorm).
+      ema_params: exponential moving average of ``params`` (None when ``ema_decay`` is 0).
+      plateau: optax ``reduce_on_plateau`` state whose ``scale`` multiplies every update
+        (None when ReduceLROnPlateau is off); stepped once per epoch on the validation loss.
+      ema_decay: static.
+      frozen: static regular expression; BatchNorm statistics on matching paths never change
+        (their parameters are frozen by the optimizer's ``multi_transform``).
+    """
 
     batch_stats: Any = None
+    ema_params: Any = None
+    plateau: Any = None
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
+    frozen: str = struct.field(pytree_node=False, default="")
+
+    def apply_gradients(self, *, grads, batch_stats=None, **kwargs):
+        """One optimizer update, then the EMA and the (un-frozen) BatchNorm statistics."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        if self.plateau is not None:
+            updates = optax.tree.scale(self.plateau.scale, updates)
+        params = optax.apply_updates(self.params, updates)
+        ema = self.ema_params
+        if ema is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - self.ema_decay)
+        if batch_stats is not None and self.frozen:
+            batch_stats = keep_frozen(self.frozen, batch_stats, self.batch_stats)
+        return self.replace(
+            step=self.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+            batch_stats=self.batch_stats if batch_stats is None else batch_stats,
+            **kwargs,
+        )
+
+    def eval_params(self):
+        """The weights to evaluate: the EMA when it is kept, else the trained params."""
+        return self.params if self.ema_params is None else self.ema_params
+
+
+def keep_frozen(pattern: str, new, old):
+    """``new`` with the leaves whose path matches ``pattern`` taken from ``old``."""
+    regex = re.compile(pattern)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, n, o: o if regex.search(path_str(p)) else n, new, old
+    )
 
 
 def init_variables(model, key: jax.Array, input_shape) -> dict:
@@ -21,17 +73,31 @@ def init_variables(model, key: jax.Array, input_shape) -> dict:
     return model.init({"params": key, "dropout": key}, x, train=False)
 
 
-def create_train_state(model, tx: optax.GradientTransformation, key, input_shape) -> TrainState:
+def create_train_state(
+    model,
+    tx: optax.GradientTransformation,
+    key,
+    input_shape,
+    *,
+    ema_decay: float = 0.0,
+    plateau: optax.GradientTransformationExtraArgs | None = None,
+    frozen: str = "",
+) -> TrainState:
     """A fresh TrainState for ``model`` on images of ``input_shape`` (H, W, C)."""
     variables = init_variables(model, key, input_shape)
+    params = variables["params"]
     return TrainState.create(
         apply_fn=model.apply,
-        params=variables["params"],
+        params=params,
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
+        ema_params=params if ema_decay else None,
+        plateau=None if plateau is None else plateau.init(params),
+        ema_decay=ema_decay,
+        frozen=frozen,
     )
 
 
-def abstract_train_state(model, tx, key, input_shape) -> TrainState:
+def abstract_train_state(model, tx, key, input_shape, **kwargs) -> TrainState:
     """Shapes and dtypes of the TrainState, without computing it (an Orbax restore target)."""
-    return jax.eval_shape(lambda k: create_train_state(model, tx, k, input_shape), key)
+    return jax.eval_shape(lambda k: create_train_state(model, tx, k, input_shape, **kwargs), key)

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import psutil
 from tqdm import tqdm
 
-from cnnjax import checkpoint, models, optim, parallel, steps
+from cnnjax import checkpoint, models, optim, parallel, steps, transfer
 from cnnjax import metrics as metrics_lib
+from cnnjax.data import augment as augment_lib
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
-from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError, unknown_name
 from cnnjax.train_state import abstract_train_state, create_train_state
 
 # Config keys that define what a workdir's checkpoints contain: resuming with other values
@@ -60,6 +62,16 @@ class Run:
 def wall_seconds() -> float:
     """Seconds since this process started (imports included)."""
     return time.time() - psutil.Process().create_time()
+
+
+def validate_names(config) -> None:
+    """Fails at once, before any data is read, on an unknown model, optimizer or schedule."""
+    if config.model not in models.names():
+        raise unknown_name("model", config.model, models.names())
+    if config.optimizer not in optim.OPTIMIZERS:
+        raise unknown_name("optimizer", config.optimizer, optim.OPTIMIZERS)
+    if config.schedule not in optim.SCHEDULES:
+        raise unknown_name("schedule", config.schedule, optim.SCHEDULES)
 
 
 def check_workdir(config, workdir: Path) -> None:
@@ -127,6 +139,8 @@ def compile_steps(config, data: Data, mesh):
     mean, std = jnp.asarray(data.info.mean), jnp.asarray(data.info.std)
     dtype = jnp.dtype(config.dtype)
     key = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
+    augment_key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    augment = augment_lib.build(config.augment, data.info.num_classes)
     to_batch_sharding = partial(
         jax.lax.with_sharding_constraint, shardings=parallel.batch_sharding(mesh)
     )
@@ -136,12 +150,14 @@ def compile_steps(config, data: Data, mesh):
         return {**batch, "image": steps.normalize(batch["image"], mean, std, dtype)}
 
     def train(state, acc, batch):
+        batch = augment(jax.random.fold_in(augment_key, state.step), prepare(batch))
         ls = config.label_smoothing
-        state, sums = steps.train_step(state, prepare(batch), key, label_smoothing=ls)
+        state, sums = steps.train_step(state, batch, key, label_smoothing=ls)
         return state, jax.tree.map(jnp.add, acc, sums)
 
     def evaluate(state, acc, batch):
-        return jax.tree.map(jnp.add, acc, steps.eval_step(state, prepare(batch)))
+        sums = steps.eval_step(state, prepare(batch), flip_tta=config.flip_tta)
+        return jax.tree.map(jnp.add, acc, sums)
 
     if data.resident:
         bs, ebs = config.batch_size, config.data.eval_batch_size
@@ -161,16 +177,34 @@ def zero_sums(mesh, num_classes: int | None = None) -> dict:
     return jax.device_put(zeros, parallel.replicated(mesh))
 
 
+def state_options(config) -> dict:
+    """TrainState options from the config (EMA, ReduceLROnPlateau, frozen BatchNorm)."""
+    return {
+        "ema_decay": config.ema_decay,
+        "plateau": optim.create_plateau(config),
+        "frozen": optim.frozen_pattern(config) if config.freeze else "",
+    }
+
+
+def open_checkpoints(config, workdir, read_only: bool = False):
+    """The run's checkpoint manager, tracking the config's best metric."""
+    c = config.checkpointing
+    return checkpoint.manager(workdir, c.max_to_keep, c.best_metric, c.best_mode, read_only)
+
+
 def initial_state(config, model, tx, input_shape, mesh):
-    """A fresh TrainState, replicated over the mesh."""
+    """A fresh TrainState (or one initialised from ``config.init_from``), replicated."""
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = create_train_state(model, tx, init_key, input_shape)
+    state = create_train_state(model, tx, init_key, input_shape, **state_options(config))
+    if config.init_from:
+        state = transfer.load_pretrained(state, config.init_from)
     return jax.device_put(state, parallel.replicated(mesh))
 
 
 def restore(run: Run, mngr, model, tx, step: int | None = None):
     """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated."""
-    target = abstract_train_state(model, tx, jax.random.key(0), run.data.info.image_shape)
+    shape, options = run.data.info.image_shape, state_options(run.config)
+    target = abstract_train_state(model, tx, jax.random.key(0), shape, **options)
     target = checkpoint.abstract_with_sharding(target, parallel.replicated(run.mesh))
     return checkpoint.restore(mngr, target, step)
 
@@ -269,7 +303,8 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     }
     if epoch + 1 == run.config.num_epochs:
         line.update(evaluate(run, state, "test"))
-    line["learning_rate"] = float(run.schedule(int(state.step)))
+    scale = 1.0 if state.plateau is None else float(state.plateau.scale)
+    line["learning_rate"] = float(run.schedule(int(state.step))) * scale
     line["train_images_per_sec"] = round(ips, 1)
     line["wall_s"] = round(wall_seconds(), 2)
     return line
@@ -301,13 +336,15 @@ def train_and_evaluate(config, workdir) -> dict:
       CnnjaxError: bad names, missing data, an incompatible workdir, or a diverged loss.
     """
     workdir = Path(workdir)
+    validate_names(config)
+    augment_lib.parse(config.augment)
     check_workdir(config, workdir)
     run = setup(config, workdir)
     if jax.process_index() == 0:
         run.data.info.save(workdir / "dataset.json")
     model = build_model(config, run.data.info.num_classes)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    mngr = checkpoint.manager(workdir, config.checkpointing.max_to_keep)
+    mngr = open_checkpoints(config, workdir)
     writer = metrics_lib.Writer(workdir)
     try:
         state, done = restore_or_init(run, mngr, model, tx)
@@ -327,8 +364,11 @@ def fit(run: Run, state, done: int, mngr, writer) -> dict:
         lines = metrics_lib.read_lines(run.workdir)
         return lines[-1] if lines else {}
     for epoch in range(done, c.num_epochs):
+        if should_stop_early(c, metrics_lib.read_lines(run.workdir)):
+            return finish_early(run, mngr, writer)
         state, train_m, ips = train_epoch(run, state, epoch, writer, epoch == done)
         line = epoch_line(run, state, epoch, train_m, ips)
+        state = step_plateau(run, state, line["eval_loss"])
         if not metrics_lib.all_finite(line):
             raise TrainingDivergedError(
                 f"loss is not finite at epoch {epoch + 1} (step {int(state.step)}); the last "
@@ -343,6 +383,46 @@ def fit(run: Run, state, done: int, mngr, writer) -> dict:
     return line
 
 
+def step_plateau(run: Run, state, eval_loss: float):
+    """Feeds the epoch's validation loss to ReduceLROnPlateau (when on)."""
+    plateau = optim.create_plateau(run.config)
+    if plateau is None:
+        return state
+    _, new = plateau.update(state.params, state.plateau, value=jnp.float32(eval_loss))
+    return state.replace(plateau=new)
+
+
+def should_stop_early(config, lines: list[dict]) -> bool:
+    """EarlyStopping: ``early_stopping_patience`` epochs have passed without a better
+    ``checkpointing.best_metric`` than the best so far."""
+    patience, metric = config.early_stopping_patience, config.checkpointing.best_metric
+    if not patience or not lines:
+        return False
+    values = [line[metric] for line in lines]
+    best = max(values) if config.checkpointing.best_mode == "max" else min(values)
+    return len(values) - 1 - values.index(best) >= patience
+
+
+def finish_early(run: Run, mngr, writer) -> dict:
+    """Restores the best checkpoint as the final state and logs its test metrics."""
+    model = build_model(run.config, run.data.info.num_classes)
+    tx, _ = optim.create_optimizer(run.config, run.steps_per_epoch)
+    mngr.wait_until_finished()
+    state, meta = restore(run, mngr, model, tx, mngr.best_step())
+    line = {
+        "epoch": meta["epoch"],
+        "step": int(state.step),
+        "early_stopped": True,
+        **evaluate(run, state, "validation"),
+        **evaluate(run, state, "test"),
+        "wall_s": round(wall_seconds(), 2),
+    }
+    if jax.process_index() == 0:
+        print(f"early stop: restored the best checkpoint (epoch {meta['epoch']})")
+        print(format_line(line), flush=True)
+    return line
+
+
 def format_line(line: dict) -> str:
     """One human-readable line per epoch."""
     parts = [f"epoch {line['epoch']}"]
@@ -350,3 +430,39 @@ def format_line(line: dict) -> str:
         if k != "epoch":
             parts.append(f"{k}={v:.4f}" if isinstance(v, float) and v < 100 else f"{k}={v}")
     return " ".join(parts)
+
+
+def evaluate_checkpoint(workdir, step: int | None = None, split: str = "test") -> dict:
+    """Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint on ``split``."""
+    workdir = Path(workdir)
+    config = checkpoint.load_run_config(workdir)
+    run = setup(config, workdir)
+    model = build_model(config, run.data.info.num_classes)
+    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
+    mngr = open_checkpoints(config, workdir, read_only=True)
+    step = mngr.best_step() if step is None else step
+    state, meta = restore(run, mngr, model, tx, step)
+    sums = eval_sums(run, state, split)
+    confusion = np.asarray(sums["confusion"])
+    return {
+        "step": step,
+        "epoch": meta["epoch"],
+        "split": split,
+        **metrics_lib.means(sums, "test" if split == "test" else "eval"),
+        "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
+        "class_names": list(run.data.info.class_names),
+        "confusion": confusion.astype(int).tolist(),
+    }
+
+
+def format_report(result: dict) -> str:
+    """A readable report of ``evaluate_checkpoint``'s result."""
+    prefix = "test" if result["split"] == "test" else "eval"
+    lines = [
+        f"checkpoint step {result['step']} (epoch {result['epoch']}), split {result['split']}",
+        f"loss {result[prefix + '_loss']:.4f}  accuracy {result[prefix + '_accuracy']:.4f}",
+        "per-class accuracy:",
+    ]
+    for name, acc in zip(result["class_names"], result["per_class_accuracy"], strict=True):
+        lines.append(f"  {name:<16} {acc:.4f}")
+    return "\n".join(lines)

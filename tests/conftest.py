@@ -3,10 +3,11 @@
 import os
 
 # Several devices on one CPU, so sharding is tested everywhere; and compile options that cut
-# XLA:CPU compile time 3-10x for test-sized graphs (LLVM -O0, no fusion emitters) without changing
-# results. Must precede the first JAX use.
+# XLA:CPU compile time for test-sized graphs. (Adding --xla_backend_optimization_level=0 to these
+# two made the 4-device train step disagree with the 1-device one on jaxlib 0.10.2: left out.)
+# Must precede the first JAX use.
 TEST_XLA_FLAGS = (
-    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
+    "--xla_force_host_platform_device_count=4 "
     "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
 )
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()

@@ -9,7 +9,7 @@ import pytest
 
 from cnnjax import checkpoint, optim, trainer
 from cnnjax.errors import CheckpointError, TrainingDivergedError
-from cnnjax.evaluate import evaluate_checkpoint
+from cnnjax.trainer import evaluate_checkpoint
 
 LINE_KEYS = {
     "epoch",

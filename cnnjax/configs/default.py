@@ -13,7 +13,7 @@ from ml_collections import ConfigDict, config_dict
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.model = "fast_cnn"
-    c.model_kwargs = ConfigDict({"stem_width": 24, "widths": (48, 96, 96)})
+    c.model_kwargs = ConfigDict({"stem_width": 24, "widths": (48, 96)})
     c.dataset = "fashion_mnist"
     c.dtype = "float32"  # compute dtype; params, optimizer state and BN statistics stay float32
 
@@ -31,7 +31,30 @@ def get_config() -> ConfigDict:
     c.lr_decay_at = (0.5, 0.75)  # piecewise: fractions of training where lr *= lr_decay_factor
     c.lr_decay_factor = 0.1
     c.label_smoothing = 0.1
+    # On-device augmentation, applied in order to normalised batches, e.g.
+    # "crop(pad=2),flip,mixup(alpha=0.2)"; see cnnjax/data/augment.py for every op.
+    c.augment = ""
+    c.ema_decay = 0.0  # > 0: keep an EMA of the weights and evaluate with it (e.g. 0.999)
+    c.flip_tta = False  # evaluate on the mean logits of each image and its mirror image
     c.seed = 0
+
+    # ReduceLROnPlateau on the validation loss, checked once per epoch (patience 0: off).
+    c.plateau = ConfigDict()
+    c.plateau.patience = 0  # epochs without improvement before the lr is multiplied by factor
+    c.plateau.factor = 0.5
+    c.plateau.cooldown = 0  # epochs to wait after a reduction
+    c.plateau.min_scale = 0.01  # the lr never drops below this fraction of the schedule's
+
+    # EarlyStopping on checkpointing.best_metric (patience 0: off); the best checkpoint becomes
+    # the final state.
+    c.early_stopping_patience = 0  # epochs without improvement before stopping
+
+    # Transfer learning: start from another run's best checkpoint (matching paths; a new head
+    # when num_classes differs), freeze a part, fine-tune another at a smaller learning rate.
+    c.init_from = config_dict.placeholder(str)  # another run's workdir
+    c.freeze = ""  # regex of frozen parameter paths, or "backbone" (everything but the head)
+    c.finetune = ""  # regex of paths trained at learning_rate * finetune_lr_factor
+    c.finetune_lr_factor = 0.1
 
     c.log_every_steps = 50  # metrics are fetched from the device only this often
 
@@ -49,5 +72,7 @@ def get_config() -> ConfigDict:
 
     c.checkpointing = ConfigDict()
     c.checkpointing.every_epochs = 1
-    c.checkpointing.max_to_keep = 2  # the latest N, plus the best by eval_accuracy
+    c.checkpointing.max_to_keep = 2  # the latest N, plus the best by best_metric
+    c.checkpointing.best_metric = "eval_accuracy"  # any metrics.jsonl key of an epoch line
+    c.checkpointing.best_mode = "max"  # max | min
     return c
