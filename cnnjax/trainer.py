@@ -393,14 +393,17 @@ def step_plateau(run: Run, state, eval_loss: float):
 
 
 def should_stop_early(config, lines: list[dict]) -> bool:
-    """EarlyStopping: ``early_stopping_patience`` epochs have passed without a better
-    ``checkpointing.best_metric`` than the best so far."""
+    """EarlyStopping: ``early_stopping_patience`` epochs have passed without improving
+    ``checkpointing.best_metric`` by more than ``early_stopping_min_delta``."""
     patience, metric = config.early_stopping_patience, config.checkpointing.best_metric
     if not patience or not lines:
         return False
-    values = [line[metric] for line in lines]
-    best = max(values) if config.checkpointing.best_mode == "max" else min(values)
-    return len(values) - 1 - values.index(best) >= patience
+    sign = 1.0 if config.checkpointing.best_mode == "max" else -1.0
+    best_epoch, best = 0, sign * lines[0][metric]
+    for epoch, line in enumerate(lines):
+        if sign * line[metric] > best + config.early_stopping_min_delta:
+            best_epoch, best = epoch, sign * line[metric]
+    return len(lines) - 1 - best_epoch >= patience
 
 
 def finish_early(run: Run, mngr, writer) -> dict:

@@ -9,8 +9,6 @@ from cnnjax.configs import default
 
 def get_config():
     c = default.get_config()
-    c.model = "simple_cnn"
-    c.model_kwargs = {}
     c.num_epochs = 2
     c.batch_size = 32
     c.optimizer = "adam"

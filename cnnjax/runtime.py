@@ -1,0 +1,145 @@
+"""Process-level JAX settings that make training faster: XLA flags and the compilation cache.
+
+Nothing happens on import. Call ``configure_xla()`` first thing in ``main()`` (XLA reads
+``XLA_FLAGS`` once, when JAX initialises its backend) and ``enable_compilation_cache()`` any time
+before the first compile. ``experiments/README.md`` ("Where the time goes (CPU)") has the
+measurements behind every default here.
+"""
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+# Flags per platform, each measured to be faster there (experiments/profile_step.py) and checked
+# to be accepted by jaxlib >= 0.10 (an unknown name in XLA_FLAGS aborts the process).
+CPU_FLAGS: dict[str, str] = {
+    # jaxlib 0.10 sends each convolution to YNNPACK ("individual_convolution" in the default list),
+    # whose backward convolutions are ~3x slower than XLA's Eigen path at CNN-on-CPU sizes. This
+    # list keeps YNNPACK for dots, elementwise and reductions and leaves convolutions to Eigen.
+    "xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce",
+}
+DEFAULT: dict[str, dict[str, str]] = {"cpu": CPU_FLAGS}
+_MIN_JAXLIB = (0, 10)  # the oldest jaxlib these flags were verified on
+DEFAULT_CACHE_DIR = "~/.cache/cnnjax/jax"
+
+
+def parse_flags(xla_flags: str) -> dict[str, str | None]:
+    """``"--a=1 --b"`` -> ``{"a": "1", "b": None}`` (the last entry of a repeated name wins)."""
+    parsed = {}
+    for token in xla_flags.split():
+        name, sep, value = token.lstrip("-").partition("=")
+        parsed[name] = value if sep else None
+    return parsed
+
+
+def merge_flags(xla_flags: str, flags: Mapping[str, str]) -> str:
+    """Appends ``--name=value`` for every ``flags`` entry whose name ``xla_flags`` lacks.
+
+    The user's own entries always win: a name already present is left exactly as it is.
+    """
+    present = parse_flags(xla_flags)
+    extra = [f"--{name}={value}" for name, value in flags.items() if name not in present]
+    return " ".join([xla_flags.strip(), *extra]).strip()
+
+
+def target_platform(environ: Mapping[str, str] | None = None) -> str:
+    """The platform JAX will pick, guessed without initialising a backend.
+
+    ``JAX_PLATFORMS`` decides when set (its first entry); otherwise "cpu" unless an accelerator
+    plugin (``jax_plugins`` entry point, e.g. the CUDA or TPU plugin) is installed.
+    """
+    environ = os.environ if environ is None else environ
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower()
+    return "accelerator" if _accelerator_plugins() else "cpu"
+
+
+def _accelerator_plugins() -> list[str]:
+    """Installed PJRT plugins, found the two ways JAX finds them (entry points and the
+    ``jax_plugins`` namespace package), without importing JAX."""
+    import importlib.util
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    names = [ep.name for ep in entry_points(group="jax_plugins")]
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    return names
+
+
+def backend_initialized() -> bool:
+    """Whether JAX already created its backends (after which XLA_FLAGS changes do nothing)."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # not imported yet -> certainly not initialised
+        return False
+    check = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(check()) if check else bool(getattr(xla_bridge, "_backends", {}))
+
+
+def configure_xla(flags: Mapping[str, Mapping[str, str]] = DEFAULT) -> str | None:
+    """Adds the fast XLA flags for the target platform to ``os.environ["XLA_FLAGS"]``.
+
+    Must run before JAX initialises its backend (the first array op, ``jax.devices()``, ...);
+    after that it warns and changes nothing. Flags the user already set keep their value.
+
+    Args:
+      flags: platform -> {flag name without dashes: value}.
+
+    Returns:
+      The new ``XLA_FLAGS`` value, or None when nothing was changed.
+    """
+    if backend_initialized():
+        warnings.warn(
+            "configure_xla() called after JAX initialised its backend: XLA_FLAGS is read only "
+            "once, so the flags were not applied. Call it at the top of main().",
+            stacklevel=2,
+        )
+        return None
+    platform_flags = flags.get(target_platform(), {})
+    if not platform_flags or _jaxlib_version() < _MIN_JAXLIB:
+        return None
+    merged = merge_flags(os.environ.get("XLA_FLAGS", ""), platform_flags)
+    os.environ["XLA_FLAGS"] = merged
+    return merged
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("jaxlib").split(".")[:2] if p.isdigit())
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$CNNJAX_CACHE_DIR``, else ``~/.cache/cnnjax/jax`` (expanded)."""
+    chosen = path or os.environ.get("CNNJAX_CACHE_DIR") or DEFAULT_CACHE_DIR
+    return Path(chosen).expanduser()
+
+
+def enable_compilation_cache(
+    path: str | os.PathLike | None = None,
+    min_compile_time_secs: float = 0.5,
+    min_entry_size_bytes: int = 0,
+) -> Path:
+    """Turns on JAX's persistent compilation cache so reruns skip XLA compiles.
+
+    Args:
+      path: cache directory (see ``cache_dir`` for the default); created if missing.
+      min_compile_time_secs: cache only programs that took at least this long to compile
+        (JAX's default, 1 s, misses the ~0.5 s eval/metric steps of the small models).
+      min_entry_size_bytes: cache only executables at least this large (0: all).
+
+    Returns:
+      The cache directory.
+    """
+    import jax
+
+    directory = cache_dir(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", min_entry_size_bytes)
+    return directory
