@@ -1,13 +1,16 @@
 """Evaluate a trained run: ``python -m cnnjax.evaluate --workdir=DIR [--step=N]
 [--split=test|validation]``.
 
-Restores the best checkpoint (by validation accuracy) unless ``--step`` names one, and prints
-loss, accuracy and per-class accuracy, computed exactly as the trainer computes them.
+Restores the best checkpoint (by validation accuracy) unless ``--step`` names one, prints loss,
+accuracy and per-class accuracy, computed exactly as the trainer computes them, and writes
+``WORKDIR/confusion_matrix.png``.
 """
+
+from pathlib import Path
 
 from absl import flags
 
-from cnnjax import cli, runtime
+from cnnjax import cli, plots, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", "checkpoints/default", "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best checkpoint).")
@@ -22,6 +25,9 @@ def main(argv):
 
     result = trainer.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value)
     print(trainer.format_report(result))
+    picture = Path(_WORKDIR.value) / "confusion_matrix.png"
+    plots.plot_confusion_matrix(result["confusion"], result["class_names"], picture)
+    print(f"confusion matrix: {picture}")
 
 
 if __name__ == "__main__":

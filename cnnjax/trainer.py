@@ -4,6 +4,7 @@ Each step function is jitted once here, with the train state donated. Metrics ac
 on the device and are fetched once per ``log_every_steps`` and once per epoch.
 """
 
+import ast
 import dataclasses
 import json
 import time
@@ -16,7 +17,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from cnnjax import checkpoint, models, optim, parallel, steps, transfer
+from cnnjax import checkpoint, models, optim, parallel, plots, steps, transfer
 from cnnjax import metrics as metrics_lib
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import pipeline
@@ -123,10 +124,31 @@ def load_data(config, mesh) -> Data:
     return Data(info, builder, train=put(arrays["train"]), evals=evals)
 
 
+def model_kwargs(config) -> dict:
+    """``config.model_kwargs``, a dict literal string, as a dict."""
+    try:
+        kwargs = ast.literal_eval(config.model_kwargs or "{}")
+    except (ValueError, SyntaxError):
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(
+            f"model_kwargs must be a Python dict literal like \"{{'small_input': True}}\", "
+            f"got {config.model_kwargs!r}"
+        )
+    return kwargs
+
+
 def build_model(config, num_classes: int):
-    """The configured model, computing in ``config.dtype``."""
-    kwargs = dict(config.model_kwargs)
-    return models.get(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
+    """The configured model, computing in ``config.dtype``.
+
+    Raises:
+      ConfigError: ``model_kwargs`` is malformed or names an attribute the model lacks.
+    """
+    kwargs = model_kwargs(config)
+    try:
+        return models.get(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model {config.model!r} does not accept model_kwargs: {e}") from None
 
 
 def compile_steps(config, data: Data, mesh):
@@ -338,6 +360,7 @@ def train_and_evaluate(config, workdir) -> dict:
     workdir = Path(workdir)
     validate_names(config)
     augment_lib.parse(config.augment)
+    model_kwargs(config)
     check_workdir(config, workdir)
     run = setup(config, workdir)
     if jax.process_index() == 0:
@@ -378,6 +401,7 @@ def fit(run: Run, state, done: int, mngr, writer) -> dict:
         writer.epoch(line)
         if jax.process_index() == 0:
             print(format_line(line), flush=True)
+            plots.plot_curves(metrics_lib.read_lines(run.workdir), run.workdir / "curves.png")
         if (epoch + 1) % c.checkpointing.every_epochs == 0 or epoch + 1 == c.num_epochs:
             checkpoint.save(mngr, state, epoch + 1, {k: v for k, v in line.items() if k != "epoch"})
     return line

@@ -108,3 +108,21 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     params, meta = final_params(good, tmp_path)
     assert meta["epoch"] == 1
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_streaming_path_trains_and_evaluates_every_example(tiny_config, tmp_path):
+    config = tiny_config.copy_and_resolve_references()
+    config.num_epochs = 1
+    config.data.in_memory = "no"
+    run = trainer.setup(config, tmp_path)
+    assert not run.data.resident
+    line = trainer.train_and_evaluate(config, tmp_path)
+    assert math.isfinite(line["train_loss"]) and line["test_accuracy"] > 0.3
+    sums = trainer.eval_sums(run, restored_state(config, tmp_path, run), "test")
+    assert float(sums["count"]) == 512  # the padded last batch is masked, nothing counted twice
+
+
+def restored_state(config, workdir, run):
+    model = trainer.build_model(config, run.data.info.num_classes)
+    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
+    return trainer.restore(run, checkpoint.manager(workdir, read_only=True), model, tx)[0]

@@ -13,7 +13,7 @@ from cnnjax.configs import default
 def get_config():
     c = default.get_config()
     c.model = "resnet18"
-    c.model_kwargs = {"small_input": True}
+    c.model_kwargs = "{'small_input': True}"
     c.dataset = "cifar10"
     c.num_epochs = 100
     c.batch_size = 512

@@ -13,7 +13,9 @@ from ml_collections import ConfigDict, config_dict
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.model = "simple_cnn"
-    c.model_kwargs = ConfigDict()  # extra model attributes, e.g. {"widths": (32, 64)}
+    # Extra model attributes as a Python dict literal, e.g. "{'small_input': True}" (a string, so
+    # that --config.model_kwargs=... can set any of them from the command line).
+    c.model_kwargs = "{}"
     c.dataset = "fashion_mnist"
     c.dtype = "float32"  # compute dtype; params, optimizer state and BN statistics stay float32
 

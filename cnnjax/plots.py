@@ -1,0 +1,155 @@
+"""Pictures of a run: training curves (``curves.png``) and the confusion matrix.
+
+Figures are drawn with matplotlib's object API on an Agg canvas: no window, no pyplot global
+state (safe to call every epoch from the trainer, or from a notebook without changing its
+backend), and nothing is imported until a function is called. Every PNG is written atomically:
+to a temporary file in the same directory, then renamed over the target, so a crash or a full
+disk never leaves a half-written picture behind.
+"""
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# Above these many classes, the confusion matrix drops per-cell values, then tick labels.
+MAX_CELL_VALUES = 30
+MAX_TICK_LABELS = 60
+
+
+def _figure(width: float, height: float):
+    """A Figure attached to an Agg canvas (files only, independent of pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_atomic(fig, path, dpi: int = 100) -> Path:
+    """Writes ``fig`` as a PNG at ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a picture is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _series(lines: list[dict], key: str) -> tuple[list, list]:
+    """(epochs, values) of the lines that have ``key``, with finite values."""
+    points = [(x["epoch"], x[key]) for x in lines if _finite(x.get(key))]
+    return [e for e, _ in points], [v for _, v in points]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def plot_curves(lines: list[dict], path, title: str | None = None) -> Path:
+    """Training vs validation loss and accuracy per epoch, side by side (the Keras tutorial's
+    plot), as a PNG at ``path``.
+
+    Args:
+      lines: ``metrics.jsonl`` lines (``cnnjax.metrics.read_lines``): ``epoch`` and any of
+        ``train_loss``, ``eval_loss``, ``train_accuracy``, ``eval_accuracy``; a final
+        ``test_accuracy`` goes into the title. Missing or non-finite values are skipped.
+      path: the PNG to write (replaced atomically).
+      title: figure title (default: none, or the test accuracy when known).
+
+    Returns:
+      ``path`` as a Path.
+
+    Raises:
+      ValueError: no line has an ``epoch``.
+    """
+    lines = sorted((x for x in lines if "epoch" in x), key=lambda x: x["epoch"])
+    if not lines:
+        raise ValueError("plot_curves needs at least one metrics line with an 'epoch'")
+    fig = _figure(11, 4)
+    panels = fig.subplots(1, 2)
+    for ax, metric in zip(panels, ("loss", "accuracy"), strict=True):
+        for split, label in (("train", "Training"), ("eval", "Validation")):
+            epochs, values = _series(lines, f"{split}_{metric}")
+            if epochs:
+                ax.plot(epochs, values, marker="o", markersize=3, label=f"{label} {metric}")
+        ax.set(title=f"Training and Validation {metric.capitalize()}", xlabel="epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.has_data():
+            ax.legend(loc="upper right" if metric == "loss" else "lower right")
+    test = lines[-1].get("test_accuracy")
+    if title is None and _finite(test):
+        title = f"test accuracy {test:.4f} after epoch {lines[-1]['epoch']}"
+    if title:
+        fig.suptitle(title)
+    return save_atomic(fig, path)
+
+
+def plot_confusion_matrix(confusion, class_names, path, normalize: bool = True) -> Path:
+    """A confusion-matrix heatmap as a PNG at ``path``.
+
+    Rows are true classes (labelled with their per-class accuracy), columns predictions; the
+    title gives the overall accuracy and the number of examples.
+
+    Args:
+      confusion: counts (K, K), rows true labels, columns predictions (``evaluate_checkpoint``'s
+        ``confusion``; a nested list is fine).
+      class_names: K names.
+      path: the PNG to write (replaced atomically).
+      normalize: show each row as fractions of its true class (else raw counts).
+
+    Returns:
+      ``path`` as a Path.
+
+    Raises:
+      ValueError: ``confusion`` is not square or does not match ``class_names``.
+    """
+    counts = np.asarray(confusion, np.float64)
+    k = len(class_names)
+    if counts.shape != (k, k):
+        raise ValueError(f"confusion must be ({k}, {k}) for {k} class names; got {counts.shape}")
+    row_totals = counts.sum(axis=1)
+    per_class = np.diag(counts) / np.maximum(row_totals, 1)
+    values = counts / np.maximum(row_totals, 1)[:, None] if normalize else counts
+    side = float(np.clip(0.5 * k + 3, 6, 16))  # inches
+    fig = _figure(side, side * 0.9)
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    if k <= MAX_TICK_LABELS:
+        rows = [f"{name} ({acc:.2f})" for name, acc in zip(class_names, per_class, strict=True)]
+        size = 10 if k <= MAX_CELL_VALUES else 7
+        ax.set_xticks(range(k), class_names, rotation=45, ha="right", rotation_mode="anchor")
+        ax.tick_params(labelsize=size)
+        ax.set_yticks(range(k), rows)
+    if k <= MAX_CELL_VALUES:
+        _annotate_cells(ax, values, normalize)
+    total = counts.sum()
+    accuracy = np.trace(counts) / max(total, 1)
+    ax.set(xlabel="predicted", ylabel="true (per-class accuracy)")
+    ax.set_title(f"Confusion matrix: accuracy {accuracy:.4f} on {int(total)} examples")
+    return save_atomic(fig, path)
+
+
+def _annotate_cells(ax, values: np.ndarray, normalize: bool) -> None:
+    """Each cell's value, white on dark cells."""
+    # Half of the colour scale (0..1 normalised, 0..max for counts).
+    threshold = 0.5 if normalize else values.max() / 2
+    fmt = "{:.2f}" if normalize else "{:.0f}"
+    fontsize = 9 if len(values) <= 12 else 7
+    for (i, j), v in np.ndenumerate(values):
+        color = "white" if v > threshold else "black"
+        ax.text(j, i, fmt.format(v), ha="center", va="center", color=color, fontsize=fontsize)
