@@ -80,19 +80,7 @@ class FastCNN(nn.Module):
         return DenseHead(self.num_classes, dtype=self.dtype, name="head")(x, train)
 
 
-@register
-def simple_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
-    """Keras tutorial CNN (Conv32-pool-Conv64-pool-Dense128)."""
-    return SimpleCNN(num_classes=num_classes, **kwargs)
-
-
-@register
-def cifar_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
-    """Tutorial CIFAR CNN with BatchNorm and dropout."""
-    return CifarCNN(num_classes=num_classes, **kwargs)
-
-
-@register
-def fast_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
-    """Airbench-style speed-run net."""
-    return FastCNN(num_classes=num_classes, **kwargs)
+# Linen module classes are factories themselves: Class(num_classes=..., **attributes).
+register(SimpleCNN, name="simple_cnn")
+register(CifarCNN, name="cifar_cnn")
+register(FastCNN, name="fast_cnn")

@@ -76,19 +76,7 @@ class ExampleCNN(nn.Module):
         return DenseHead(self.num_classes, dtype=self.dtype, name="head")(x, train)
 
 
-@register
-def keras_cifar_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
-    """Keras CIFAR tutorial CNN (Conv32-pool-Conv64-pool-Conv128-Dense128, VALID)."""
-    return KerasCifarCNN(num_classes=num_classes, **kwargs)
-
-
-@register
-def torch_small_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
-    """PyTorch tutorial SmallCNN (2 x Conv-BN-ReLU-pool, dropout, dense)."""
-    return TorchSmallCNN(num_classes=num_classes, **kwargs)
-
-
-@register
-def example_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
-    """The worked-example CNN (Conv16-pool-Conv32-pool-Dense, SAME)."""
-    return ExampleCNN(num_classes=num_classes, **kwargs)
+# Linen module classes are factories themselves: Class(num_classes=..., **attributes).
+register(KerasCifarCNN, name="keras_cifar_cnn")
+register(TorchSmallCNN, name="torch_small_cnn")
+register(ExampleCNN, name="example_cnn")
