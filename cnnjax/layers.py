@@ -30,7 +30,22 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, **kwargs) -> ModuleDef:
     statistics over the global batch.
     """
     kwargs = {"momentum": 0.9, "epsilon": 1e-5, **kwargs}
-    return partial(nn.BatchNorm, use_running_average=not train, dtype=dtype, **kwargs)
+    return partial(BatchNorm, train=train, dtype=dtype, **kwargs)
+
+
+class BatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` that takes its mode as ``train`` instead of ``use_running_average``, so a
+    call can still force inference mode (``use_running_average=True``): frozen layers in
+    transfer learning rely on it (``cnnjax.train_state.frozen_batch_norm``)."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, **kwargs):
+        """x: (..., C) normalised over all but the last axis."""
+        if use_running_average is None:
+            use_running_average = not self.train
+        return super().__call__(x, use_running_average=use_running_average, **kwargs)
 
 
 class ConvBN(nn.Module):

@@ -85,8 +85,15 @@ def create_optimizer(config, steps_per_epoch: int):
 
 
 def frozen_pattern(config) -> str:
-    """The regular expression of frozen parameter paths (``backbone``: all but the head)."""
-    return BACKBONE if config.freeze == "backbone" else config.freeze
+    """The regular expression of the paths that ``param_labels`` labels ``frozen``: those
+    matching ``config.freeze`` (``backbone``: all but the head) and not ``config.finetune``."""
+    if not config.freeze:
+        return ""
+    freeze = BACKBONE if config.freeze == "backbone" else config.freeze
+    if not config.finetune:
+        return freeze
+    # Lookaheads make the two searches one: "finetune nowhere" and "freeze somewhere".
+    return f"^(?!.*(?:{config.finetune}))(?=.*(?:{freeze}))"
 
 
 # Every path outside the classifier head (models name their classifier `head`).
@@ -100,9 +107,9 @@ def param_labels(config, params):
 
     def label(path, _):
         p = path_str(path)
-        if finetune and finetune.search(p):
-            return "finetune"
-        return "frozen" if frozen and frozen.search(p) else "train"
+        if frozen and frozen.search(p):
+            return "frozen"
+        return "finetune" if finetune and finetune.search(p) else "train"
 
     return jax.tree_util.tree_map_with_path(label, params)
 

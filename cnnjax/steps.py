@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnjax.train_state import frozen_batch_norm
+
 
 def normalize(images, mean, std, dtype=jnp.float32):
     """uint8 (N, H, W, C) -> ``dtype`` images with per-channel zero mean and unit variance."""
@@ -48,9 +50,10 @@ def train_step(state, batch, key, *, label_smoothing: float = 0.0):
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, updates = state.apply_fn(
-            variables, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs
-        )
+        with frozen_batch_norm(state.frozen):
+            logits, updates = state.apply_fn(
+                variables, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs
+            )
         loss = cross_entropy(logits, batch["label"], label_smoothing)
         return jnp.mean(loss), (loss, logits, updates)
 

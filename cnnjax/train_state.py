@@ -1,8 +1,10 @@
 """The training state: one jittable pytree holding everything a resumed run needs."""
 
+import contextlib
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,8 +26,10 @@ class TrainState(train_state.TrainState):
       plateau: optax ``reduce_on_plateau`` state whose ``scale`` multiplies every update
         (None when ReduceLROnPlateau is off); stepped once per epoch on the validation loss.
       ema_decay: static.
-      frozen: static regular expression; BatchNorm statistics on matching paths never change
-        (their parameters are frozen by the optimizer's ``multi_transform``).
+      frozen: static regular expression of frozen parameter paths (their updates are zeroed by
+        the optimizer's ``multi_transform``); BatchNorm layers whose scale is frozen run in
+        inference mode, as Keras does for frozen layers, so their statistics stay as loaded and
+        the features the trainable layers see are the ones evaluation sees.
     """
 
     batch_stats: Any = None
@@ -43,8 +47,6 @@ class TrainState(train_state.TrainState):
         ema = self.ema_params
         if ema is not None:
             ema = optax.incremental_update(params, ema, 1.0 - self.ema_decay)
-        if batch_stats is not None and self.frozen:
-            batch_stats = keep_frozen(self.frozen, batch_stats, self.batch_stats)
         return self.replace(
             step=self.step + 1,
             params=params,
@@ -59,12 +61,24 @@ class TrainState(train_state.TrainState):
         return self.params if self.ema_params is None else self.ema_params
 
 
-def keep_frozen(pattern: str, new, old):
-    """``new`` with the leaves whose path matches ``pattern`` taken from ``old``."""
+@contextlib.contextmanager
+def frozen_batch_norm(pattern: str):
+    """Within this context, BatchNorm layers whose ``scale`` path matches ``pattern`` normalise
+    with their running statistics and leave them unchanged, even in training mode."""
+    if not pattern:
+        yield
+        return
     regex = re.compile(pattern)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, n, o: o if regex.search(path_str(p)) else n, new, old
-    )
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        is_norm_call = isinstance(module, nn.BatchNorm) and context.method_name == "__call__"
+        if is_norm_call and regex.search("/".join(module.path) + "/scale"):
+            kwargs = {**kwargs, "use_running_average": True}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def init_variables(model, key: jax.Array, input_shape) -> dict:

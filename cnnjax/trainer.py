@@ -204,7 +204,7 @@ def state_options(config) -> dict:
     return {
         "ema_decay": config.ema_decay,
         "plateau": optim.create_plateau(config),
-        "frozen": optim.frozen_pattern(config) if config.freeze else "",
+        "frozen": optim.frozen_pattern(config),
     }
 
 
