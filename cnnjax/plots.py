@@ -19,7 +19,7 @@ MAX_CELL_VALUES = 30
 MAX_TICK_LABELS = 60
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A Figure attached to an Agg canvas (files only, independent of pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -77,7 +77,7 @@ def plot_curves(lines: list[dict], path, title: str | None = None) -> Path:
     lines = sorted((x for x in lines if "epoch" in x), key=lambda x: x["epoch"])
     if not lines:
         raise ValueError("plot_curves needs at least one metrics line with an 'epoch'")
-    fig = _figure(11, 4)
+    fig = figure(11, 4)
     panels = fig.subplots(1, 2)
     for ax, metric in zip(panels, ("loss", "accuracy"), strict=True):
         for split, label in (("train", "Training"), ("eval", "Validation")):
@@ -125,7 +125,7 @@ def plot_confusion_matrix(confusion, class_names, path, normalize: bool = True) 
     per_class = np.diag(counts) / np.maximum(row_totals, 1)
     values = counts / np.maximum(row_totals, 1)[:, None] if normalize else counts
     side = float(np.clip(0.5 * k + 3, 6, 16))  # inches
-    fig = _figure(side, side * 0.9)
+    fig = figure(side, side * 0.9)
     ax = fig.subplots()
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(image, ax=ax, shrink=0.8)
