@@ -39,7 +39,10 @@ def assert_one_line_error(result, *fragments):
     "args, fragments",
     [
         (["--config.model=resnet9000"], ["unknown model 'resnet9000'", "simple_cnn"]),
-        (["--config=nonexistent"], ["unknown config preset 'nonexistent'", "default, tiny"]),
+        (
+            ["--config=nonexistent"],
+            ["unknown config preset 'nonexistent'", "default, fashion_mnist_best"],
+        ),
         (["--config.optimizer=adamax"], ["unknown optimizer 'adamax'", "adamw"]),
         (
             ["--config.dataset=kmnist", "--config.data.download=False"],
