@@ -113,7 +113,9 @@ def load_data(config, mesh) -> Data:
         )
         stats = pipeline.channel_stats(sample["image"])
         return Data(pipeline.dataset_info(builder, roles, *stats, d.limit_examples), builder)
-    arrays = {r: pipeline.load_arrays(builder, s, d.limit_examples) for r, s in roles.items()}
+    # Each distinct split once (validation and test may be the same split).
+    loaded = {s: pipeline.load_arrays(builder, s, d.limit_examples) for s in set(roles.values())}
+    arrays = {role: loaded[split] for role, split in roles.items()}
     stats = pipeline.channel_stats(arrays["train"]["image"])
     put = partial(jax.device_put, device=parallel.replicated(mesh))
     evals = {
