@@ -22,7 +22,7 @@ from absl import flags, logging
 from cnnjax import checkpoint, cli, optim, parallel, runtime, steps, trainer
 from cnnjax.data.pipeline import DatasetInfo
 from cnnjax.errors import CheckpointError, CnnjaxError, ConfigError
-from cnnjax.train_state import TrainState, abstract_train_state
+from cnnjax.train_state import TrainState
 
 # allow_override: cnnjax.evaluate and cnnjax.train define the same names, and a process (a test
 # session, a notebook) may import several entry points.
@@ -127,13 +127,9 @@ def load_predictor(workdir, step: int | None = None) -> Predictor:
         raise CheckpointError(f"{workdir} has no dataset.json: it was never trained")
     info = DatasetInfo.load(workdir / "dataset.json")
     model = trainer.build_model(config, info.num_classes)
-    # The optimizer fixes the opt_state structure of the restore target, not its values.
     tx, _ = optim.create_optimizer(config, max(info.num_examples["train"] // config.batch_size, 1))
     shape = model_input_shape(config, info)
-    # The target trainer.restore builds, without the Run (and dataset) it takes.
-    options = trainer.state_options(config)
-    target = abstract_train_state(model, tx, jax.random.key(0), shape, **options)
-    target = checkpoint.abstract_with_sharding(target, parallel.replicated(parallel.make_mesh()))
+    target = trainer.restore_target(config, model, tx, shape, parallel.make_mesh())
     mngr = trainer.open_checkpoints(config, workdir, read_only=True)
     try:
         step = mngr.best_step() if step is None else step

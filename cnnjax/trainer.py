@@ -225,11 +225,17 @@ def initial_state(config, model, tx, input_shape, mesh):
     return jax.device_put(state, parallel.replicated(mesh))
 
 
+def restore_target(config, model, tx, image_shape, mesh):
+    """The abstract TrainState a checkpoint of ``config`` restores into, replicated on ``mesh``
+    (the optimizer fixes the structure of ``opt_state``, not its values)."""
+    options = state_options(config)
+    target = abstract_train_state(model, tx, jax.random.key(0), image_shape, **options)
+    return checkpoint.abstract_with_sharding(target, parallel.replicated(mesh))
+
+
 def restore(run: Run, mngr, model, tx, step: int | None = None):
     """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated."""
-    shape, options = run.data.info.image_shape, state_options(run.config)
-    target = abstract_train_state(model, tx, jax.random.key(0), shape, **options)
-    target = checkpoint.abstract_with_sharding(target, parallel.replicated(run.mesh))
+    target = restore_target(run.config, model, tx, run.data.info.image_shape, run.mesh)
     return checkpoint.restore(mngr, target, step)
 
 
