@@ -42,6 +42,12 @@ def manager(
     return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
 
 
+def run_manager(config, workdir, read_only: bool = False):
+    """The manager of a run's checkpoints, tracking the config's best metric."""
+    c = config.checkpointing
+    return manager(workdir, c.max_to_keep, c.best_metric, c.best_mode, read_only)
+
+
 def save(mngr, state, epoch: int, metrics: dict) -> None:
     """Saves ``state`` at its step with the epoch and metrics (asynchronously)."""
     meta = {"epoch": epoch, **metrics}

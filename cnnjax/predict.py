@@ -130,7 +130,7 @@ def load_predictor(workdir, step: int | None = None) -> Predictor:
     tx, _ = optim.create_optimizer(config, max(info.num_examples["train"] // config.batch_size, 1))
     shape = model_input_shape(config, info)
     target = trainer.restore_target(config, model, tx, shape, parallel.make_mesh())
-    mngr = trainer.open_checkpoints(config, workdir, read_only=True)
+    mngr = checkpoint.run_manager(config, workdir, read_only=True)
     try:
         step = mngr.best_step() if step is None else step
         state, _ = checkpoint.restore(mngr, target, step)

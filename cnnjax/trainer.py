@@ -210,12 +210,6 @@ def state_options(config) -> dict:
     }
 
 
-def open_checkpoints(config, workdir, read_only: bool = False):
-    """The run's checkpoint manager, tracking the config's best metric."""
-    c = config.checkpointing
-    return checkpoint.manager(workdir, c.max_to_keep, c.best_metric, c.best_mode, read_only)
-
-
 def initial_state(config, model, tx, input_shape, mesh):
     """A fresh TrainState (or one initialised from ``config.init_from``), replicated."""
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -375,7 +369,7 @@ def train_and_evaluate(config, workdir) -> dict:
         run.data.info.save(workdir / "dataset.json")
     model = build_model(config, run.data.info.num_classes)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    mngr = open_checkpoints(config, workdir)
+    mngr = checkpoint.run_manager(config, workdir)
     writer = metrics_lib.Writer(workdir)
     try:
         state, done = restore_or_init(run, mngr, model, tx)
@@ -474,7 +468,7 @@ def evaluate_checkpoint(workdir, step: int | None = None, split: str = "test") -
     run = setup(config, workdir)
     model = build_model(config, run.data.info.num_classes)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    mngr = open_checkpoints(config, workdir, read_only=True)
+    mngr = checkpoint.run_manager(config, workdir, read_only=True)
     step = mngr.best_step() if step is None else step
     state, meta = restore(run, mngr, model, tx, step)
     sums = eval_sums(run, state, split)

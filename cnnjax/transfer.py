@@ -18,8 +18,7 @@ def read_pretrained(workdir) -> dict:
     """``{"params": ..., "batch_stats": ...}`` of another run's best checkpoint, as numpy."""
     workdir = Path(workdir)
     config = checkpoint.load_run_config(workdir)
-    c = config.checkpointing
-    mngr = checkpoint.manager(workdir, c.max_to_keep, c.best_metric, c.best_mode, read_only=True)
+    mngr = checkpoint.run_manager(config, workdir, read_only=True)
     step = mngr.best_step()
     if step is None:
         raise CheckpointError(f"init_from: no checkpoint in {workdir}")

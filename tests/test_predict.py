@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import predict
+from cnnjax import checkpoint, predict
 from cnnjax.errors import CheckpointError, CnnjaxError, ConfigError
 
 NUM_IMAGES = 64
@@ -57,13 +57,13 @@ def png_files(test_arrays, tmp_path_factory):
 
 def reference_logits(workdir, images):
     """Logits of the best checkpoint restored the trainer's way (with its dataset)."""
-    from cnnjax import checkpoint, optim, steps, trainer
+    from cnnjax import optim, steps, trainer
 
     config = checkpoint.load_run_config(workdir)
     run = trainer.setup(config, workdir)
     model = trainer.build_model(config, run.data.info.num_classes)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    mngr = trainer.open_checkpoints(config, workdir, read_only=True)
+    mngr = checkpoint.run_manager(config, workdir, read_only=True)
     state, _ = trainer.restore(run, mngr, model, tx, mngr.best_step())
     mean, std = jnp.asarray(run.data.info.mean), jnp.asarray(run.data.info.std)
     x = steps.normalize(jnp.asarray(images), mean, std)

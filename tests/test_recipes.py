@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import models, optim, trainer
+from cnnjax import checkpoint, models, optim, trainer
 from cnnjax.errors import CheckpointError
 from cnnjax.train_state import create_train_state
 
@@ -64,7 +64,7 @@ def restored(config, workdir):
     run = trainer.setup(config, workdir)
     model = trainer.build_model(config, 10)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    state, _ = trainer.restore(run, trainer.open_checkpoints(config, workdir, True), model, tx)
+    state, _ = trainer.restore(run, checkpoint.run_manager(config, workdir, True), model, tx)
     return jax.device_get(state)
 
 
