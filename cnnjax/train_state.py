@@ -22,7 +22,8 @@ class TrainState(train_state.TrainState):
 
     Attributes:
       batch_stats: BatchNorm statistics (an empty dict for models without BatchNorm).
-      ema_params: exponential moving average of ``params`` (None when ``ema_decay`` is 0).
+      ema_params: exponential moving average of ``params`` (None when ``ema_decay`` is 0), with
+        decay ``min(ema_decay, (1 + step) / (10 + step))``.
       plateau: optax ``reduce_on_plateau`` state whose ``scale`` multiplies every update
         (None when ReduceLROnPlateau is off); stepped once per epoch on the validation loss.
       ema_decay: static.
@@ -46,7 +47,10 @@ class TrainState(train_state.TrainState):
         params = optax.apply_updates(self.params, updates)
         ema = self.ema_params
         if ema is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - self.ema_decay)
+            # Decay warmup (as tf.train.ExponentialMovingAverage's num_updates): early on the
+            # average follows the weights closely instead of dragging the random init along.
+            decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+            ema = optax.incremental_update(params, ema, 1.0 - decay)
         return self.replace(
             step=self.step + 1,
             params=params,
@@ -105,7 +109,8 @@ def create_train_state(
         params=params,
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
-        ema_params=params if ema_decay else None,
+        # A copy: the train step donates the state, and one buffer cannot be donated twice.
+        ema_params=jax.tree.map(jnp.copy, params) if ema_decay else None,
         plateau=None if plateau is None else plateau.init(params),
         ema_decay=ema_decay,
         frozen=frozen,

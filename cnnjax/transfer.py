@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -63,5 +64,5 @@ def load_pretrained(state, workdir):
     pretrained = read_pretrained(workdir)
     params = merge(state.params, pretrained["params"], "params")
     stats = merge(state.batch_stats, pretrained["batch_stats"], "batch_stats")
-    ema = None if state.ema_params is None else params
+    ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)  # not donated twice
     return state.replace(params=params, batch_stats=stats, ema_params=ema)

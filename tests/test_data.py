@@ -47,6 +47,8 @@ def test_offline_fashion_mnist_is_the_real_dataset(fmnist_data_dir):
         )
     limited = pipeline.load_arrays(builder, "train[54000:]", limit=100)
     assert limited["image"].shape[0] == 100
+    # A limit larger than a carved slice stops at the slice's end.
+    assert pipeline.load_arrays(builder, "train[54000:]", limit=8000)["image"].shape[0] == 6000
 
 
 def test_registered_checksums_are_the_debian_files():

@@ -112,13 +112,19 @@ def test_init_from_gives_a_new_head_for_another_class_count(tiny_config, tmp_pat
     )
 
 
-def test_ema_tracks_params_and_is_what_eval_uses():
+def test_ema_tracks_params_with_decay_warmup_and_is_what_eval_uses():
     model = models.get("simple_cnn", 10)
     state = create_train_state(model, optax.sgd(0.5), jax.random.key(0), (8, 8, 1), ema_decay=0.9)
     grads = jax.tree.map(jnp.ones_like, state.params)
-    new = state.apply_gradients(grads=grads)
-    expected = jax.tree.map(lambda p0, p1: 0.9 * p0 + 0.1 * p1, state.params, new.params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), expected, new.ema_params)
+
+    def check(state, decay):
+        new = state.apply_gradients(grads=grads)
+        want = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new.params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), want, new.ema_params)
+        return new
+
+    new = check(state, decay=0.1)  # step 0: min(0.9, 1 / 10)
+    check(new.replace(step=jnp.asarray(1000)), decay=0.9)  # warmed up: ema_decay
     assert new.eval_params() is new.ema_params
 
 

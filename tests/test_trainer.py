@@ -126,3 +126,16 @@ def restored_state(config, workdir, run):
     model = trainer.build_model(config, run.data.info.num_classes)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
     return trainer.restore(run, checkpoint.manager(workdir, read_only=True), model, tx)[0]
+
+
+def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
+    # The preset's whole recipe (BN model, augmentation, EMA, flip TTA) at a tiny size.
+    from cnnjax import configs
+
+    config = configs.get("fashion_mnist_best")
+    config.data.data_dir = fmnist_data_dir
+    config.data.limit_examples = 256
+    config.model_kwargs = "{'widths': (4, 8, 8)}"
+    config.num_epochs, config.batch_size, config.warmup_epochs = 1, 32, 0.5
+    line = trainer.train_and_evaluate(config, tmp_path)
+    assert math.isfinite(line["train_loss"]) and 0 <= line["test_accuracy"] <= 1

@@ -16,13 +16,13 @@ def get_config():
     c = default.get_config()
     c.model = "cifar_cnn"
     c.model_kwargs = "{'widths': (32, 64, 128)}"
-    c.num_epochs = 15
+    c.num_epochs = 9
     c.batch_size = 128
     c.optimizer = "sgd"
     c.learning_rate = 0.1
     c.weight_decay = 5e-4
     c.schedule = "onecycle"
-    c.warmup_epochs = 3.0
+    c.warmup_epochs = 2.0
     c.label_smoothing = 0.1
     c.augment = "crop(pad=2),flip"
     c.ema_decay = 0.999

@@ -78,16 +78,18 @@ def load_arrays(builder, split: str, limit: int = 0) -> dict:
     import tensorflow_datasets as tfds
 
     if limit:
-        split = _limit_split(split, limit)
+        split = _limit_split(builder, split, limit)
     ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
     image, label = tfds.as_numpy(ds)
     return {"image": image, "label": label.astype(np.int32)}
 
 
-def _limit_split(split: str, limit: int) -> str:
-    # TFDS slicing composes: "train[:54000]" limited to 512 -> "train[:512]" (start kept).
+def _limit_split(builder, split: str, limit: int) -> str:
+    # "train[:54000]" limited to 512 -> "train[:512]"; "train[54000:]" -> "train[54000:54512]",
+    # never past the end of the slice (TFDS counts the examples of a sliced split name).
     name, _, rest = split.partition("[")
     start = int(rest.split(":")[0] or 0) if rest else 0
+    limit = min(limit, builder.info.splits[split].num_examples)
     return f"{name}[{start}:{start + limit}]"
 
 
@@ -112,7 +114,7 @@ def stream_batches(
     import tensorflow_datasets as tfds
 
     if limit:
-        split = _limit_split(split, limit)
+        split = _limit_split(builder, split, limit)
     read = tfds.ReadConfig(shuffle_seed=seed + epoch, interleave_cycle_length=4)
     ds = builder.as_dataset(split=split, shuffle_files=train, as_supervised=True, read_config=read)
     ds = ds.shard(jax.process_count(), jax.process_index())
