@@ -37,7 +37,10 @@ def get_config() -> ConfigDict:
     # "crop(pad=2),flip,mixup(alpha=0.2)"; see cnnjax/data/augment.py for every op.
     c.augment = ""
     c.ema_decay = 0.0  # > 0: keep an EMA of the weights and evaluate with it (e.g. 0.999)
-    c.flip_tta = False  # evaluate on the mean logits of each image and its mirror image
+    # Evaluate on the mean logits of each image and its mirror image: only for data whose mirror
+    # images look like the training images (CIFAR; not Fashion-MNIST, whose sneakers and boots
+    # all face one way).
+    c.flip_tta = False
     c.seed = 0
 
     # ReduceLROnPlateau on the validation loss, checked once per epoch (patience 0: off).
