@@ -129,9 +129,19 @@ def test_ema_tracks_params_with_decay_warmup_and_is_what_eval_uses():
 
 
 def test_bfloat16_trains_like_float32(tiny_config, tmp_path):
-    f32 = trainer.train_and_evaluate(tiny_config, tmp_path / "f32")
-    bf16 = trainer.train_and_evaluate(variant(tiny_config, dtype="bfloat16"), tmp_path / "bf16")
+    # A short real run: the default recipe for 100 steps on 12,800 images, tested on all 10,000
+    # test images. Gradient clipping as the README advises for bf16 (without it, this warmup to
+    # lr 0.2 collapses the bf16 run).
+    short = variant(
+        tiny_config,
+        **{"optimizer": "sgd", "learning_rate": 0.2, "schedule": "onecycle", "batch_size": 128},
+        **{"label_smoothing": 0.1, "weight_decay": 5e-4, "grad_clip_norm": 1.0, "num_epochs": 1},
+        **{"data.limit_examples": 12800, "data.eval_batch_size": 1000},
+    )
+    f32 = trainer.train_and_evaluate(short, tmp_path / "f32")
+    bf16 = trainer.train_and_evaluate(variant(short, dtype="bfloat16"), tmp_path / "bf16")
     assert np.isfinite(bf16["train_loss"]) and np.isfinite(bf16["test_loss"])
-    assert abs(bf16["test_accuracy"] - f32["test_accuracy"]) <= 0.02
-    state = restored(variant(tiny_config, dtype="bfloat16"), tmp_path / "bf16")
+    assert f32["test_accuracy"] > 0.8  # a trained model, so the comparison means something
+    assert abs(bf16["test_accuracy"] - f32["test_accuracy"]) <= 0.005  # within half a point
+    state = restored(variant(short, dtype="bfloat16"), tmp_path / "bf16")
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))
