@@ -129,7 +129,7 @@ def restored_state(config, workdir, run):
 
 
 def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
-    # The preset's whole recipe (BN model, augmentation, EMA, flip TTA) at a tiny size.
+    # The preset's whole recipe (BatchNorm and dropout model, one-cycle SGD, EMA) at a tiny size.
     from cnnjax import configs
 
     config = configs.get("fashion_mnist_best")
