@@ -121,7 +121,7 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 def enable_compilation_cache(
     path: str | os.PathLike | None = None,
-    min_compile_time_secs: float = 0.5,
+    min_compile_time_secs: float = 0.0,
     min_entry_size_bytes: int = 0,
 ) -> Path:
     """Turns on JAX's persistent compilation cache so reruns skip XLA compiles.
@@ -129,7 +129,9 @@ def enable_compilation_cache(
     Args:
       path: cache directory (see ``cache_dir`` for the default); created if missing.
       min_compile_time_secs: cache only programs that took at least this long to compile
-        (JAX's default, 1 s, misses the ~0.5 s eval/metric steps of the small models).
+        (0: every program. JAX's default, 1 s, misses the ~0.5 s eval steps of the small models,
+        and a start-up runs ~90 small eager programs, 35 ms each to compile: caching them all
+        took a short default-preset run from 13.1 to 10.8 s).
       min_entry_size_bytes: cache only executables at least this large (0: all).
 
     Returns:

@@ -3,6 +3,8 @@
 import gzip
 import shutil
 import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +51,58 @@ def test_offline_fashion_mnist_is_the_real_dataset(fmnist_data_dir):
     assert limited["image"].shape[0] == 100
     # A limit larger than a carved slice stops at the slice's end.
     assert pipeline.load_arrays(builder, "train[54000:]", limit=8000)["image"].shape[0] == 6000
+
+
+def test_decoded_splits_are_cached_and_a_bad_cache_is_rebuilt(fmnist_data_dir):
+    builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
+    first = pipeline.load_arrays(builder, "train", limit=300)
+    path = pipeline.array_cache_path(builder, "train[0:300]")
+    assert path.is_file()
+    cached = pipeline.load_arrays(builder, "train", limit=300)
+    for k in ("image", "label"):
+        np.testing.assert_array_equal(cached[k], first[k])
+        assert cached[k].dtype == first[k].dtype
+    # A damaged file, or one that does not match the split, is read from TFDS and rewritten.
+    for bad in (b"not an npz", None):
+        if bad is None:
+            np.savez(path, image=first["image"][:10], label=first["label"][:10])
+        else:
+            path.write_bytes(bad)
+        rebuilt = pipeline.load_arrays(builder, "train", limit=300)
+        np.testing.assert_array_equal(rebuilt["image"], first["image"])
+        with np.load(path) as f:
+            assert f["image"].shape == (300, 28, 28, 1)
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_unwritable_cache_only_warns(fmnist_data_dir, monkeypatch):
+    builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
+
+    def refuse(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(pipeline.np, "savez", refuse)
+    with pytest.warns(UserWarning, match="not caching the decoded dataset"):
+        arrays = pipeline.load_arrays(builder, "train", limit=77)
+    assert arrays["image"].shape == (77, 28, 28, 1)
+    assert not pipeline.array_cache_path(builder, "train[0:77]").exists()
+
+
+def test_a_cached_split_loads_without_tensorflow(fmnist_data_dir):
+    """The cache is what spares a run the TensorFlow import (seconds) and the image decoding."""
+    builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
+    pipeline.load_arrays(builder, "test")
+    code = (
+        "import sys\n"
+        "from cnnjax.data import pipeline, tfds\n"
+        "b = tfds.builder('fashion_mnist', sys.argv[1])\n"
+        "assert pipeline.load_arrays(b, 'test')['image'].shape == (10000, 28, 28, 1)\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, fmnist_data_dir], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 def test_registered_checksums_are_the_debian_files():

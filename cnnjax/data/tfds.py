@@ -54,6 +54,7 @@ def builder(name: str, data_dir: str | None, local_dir: str | None = None, downl
         if url_infos:
             return _prepare_from_local(cls, data_dir, Path(directory), url_infos)
     _check_reachable(cls, name, ds_builder.data_dir, candidates, download)
+    import_tensorflow()
     ds_builder.download_and_prepare()
     return ds_builder
 
@@ -75,13 +76,19 @@ _IMAGE_DATASETS_HINT = [
 
 
 def _import_tfds():
-    # TensorFlow is imported lazily (it is slow) and kept off accelerators: it only reads files.
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    # Builders and their metadata need no TensorFlow; it is imported (4-7 s) only to prepare or
+    # read a dataset, through import_tensorflow().
     import tensorflow_datasets as tfds
 
     return tfds
+
+
+def import_tensorflow():
+    """TensorFlow, kept off accelerators (it only reads files); call before any tf.data use."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    return tf
 
 
 def _sha256(path: Path) -> str:
@@ -123,6 +130,7 @@ def _local_url_infos(cls, directory: Path) -> dict | None:
 
 def _prepare_from_local(cls, data_dir, directory: Path, url_infos: dict):
     tfds = _import_tfds()
+    import_tensorflow()
 
     # Same name, so the prepared data lands where `tfds.builder(name)` reads it; only the
     # accepted checksums differ.
