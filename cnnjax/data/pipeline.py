@@ -12,7 +12,6 @@ the same train step; normalisation happens on the device.
 
 import dataclasses
 import json
-import os
 import re
 import tempfile
 import warnings
@@ -126,13 +125,17 @@ def _read_cached(path: Path, builder, split: str) -> dict | None:
 
 def _write_cached(path: Path, arrays: dict) -> None:
     """Writes the cache atomically (a temporary file, then a rename): never a partial file."""
+    tmp = None
     try:
         path.parent.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
             np.savez(f, **arrays)
-        os.chmod(f.name, 0o644)  # like the dataset's own files (mkstemp makes 0600)
-        os.replace(f.name, path)
+        tmp.chmod(0o644)  # like the dataset's own files (mkstemp makes 0600)
+        tmp.replace(path)
     except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         warnings.warn(f"not caching the decoded dataset in {path.parent}: {e}", stacklevel=2)
 
 
