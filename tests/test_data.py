@@ -63,11 +63,12 @@ def test_decoded_splits_are_cached_and_a_bad_cache_is_rebuilt(fmnist_data_dir):
         np.testing.assert_array_equal(cached[k], first[k])
         assert cached[k].dtype == first[k].dtype
     # A damaged file, or one that does not match the split, is read from TFDS and rewritten.
-    for bad in (b"not an npz", None):
-        if bad is None:
-            np.savez(path, image=first["image"][:10], label=first["label"][:10])
-        else:
-            path.write_bytes(bad)
+    damages = (
+        lambda: path.write_bytes(b"not an npz"),
+        lambda: np.savez(path, image=first["image"][:10], label=first["label"][:10]),
+    )
+    for damage in damages:
+        damage()
         rebuilt = pipeline.load_arrays(builder, "train", limit=300)
         np.testing.assert_array_equal(rebuilt["image"], first["image"])
         with np.load(path) as f:

@@ -115,12 +115,12 @@ def _read_cached(path: Path, builder, split: str) -> dict | None:
     n = builder.info.splits[split].num_examples
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {"image": f["image"], "label": f["label"]}
+            image, label = f["image"], f["label"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    image, label = arrays["image"], arrays["label"]
-    ok = image.shape == (n, *shape) and image.dtype == np.uint8 and label.shape == (n,)
-    return arrays if ok and label.dtype == np.int32 else None
+    ok = image.shape == (n, *shape) and image.dtype == np.uint8
+    ok = ok and label.shape == (n,) and label.dtype == np.int32
+    return {"image": image, "label": label} if ok else None
 
 
 def _write_cached(path: Path, arrays: dict) -> None:
