@@ -40,6 +40,17 @@ VARIANTS = {
         {},
     ),
     "fast_omp1": ("fast", YNN, {"OMP_NUM_THREADS": "1"}),
+    # YNNPACK without its elementwise fusions (checked in the compiled HLO): a forward
+    # convolution fused with its bias add then runs on Eigen too, and a ReLU's zero is no
+    # longer materialised as a full-size operand of a YNN fusion.
+    "fast_ynn_dot_reduce": ("fast", "--xla_cpu_experimental_ynn_fusion_type=dot,reduce", {}),
+    "fast_ynn_reduce_only": ("fast", "--xla_cpu_experimental_ynn_fusion_type=reduce", {}),
+    "fast_memory_sched": (
+        "fast",
+        YNN + " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+        {},
+    ),
+    "fast_opt_runtime": ("fast", YNN + " --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME", {}),
 }
 TORCH = "torch"
 
