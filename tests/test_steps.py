@@ -54,23 +54,75 @@ def test_batchnorm_stats_move_in_train_and_eval_is_pure():
     np.testing.assert_array_equal(logits1, logits2)  # dropout off, stats frozen
 
 
-def test_sharded_step_equals_single_device():
-    """4 fake CPU devices vs 1: same params, BN statistics and metrics within 1e-5. BatchNorm
-    has no axis_name: XLA reduces its statistics over the global (sharded) batch. (SGD: Adam's
-    update divides by the root of tiny second moments, which magnifies float rounding.)"""
+def assert_within_ulps(actual, desired, ulps: float) -> None:
+    """Every leaf of ``actual`` within ``ulps`` units of ``desired``'s largest magnitude (in its
+    dtype's epsilon), so entries near zero are held to the scale of their leaf."""
+    for (path, a), d in zip(
+        jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(desired), strict=True
+    ):
+        a, d = np.asarray(a), np.asarray(d)
+        bound = ulps * np.finfo(d.dtype).eps * max(float(np.max(np.abs(d))), 1e-30)
+        err = float(np.max(np.abs(a - d)))
+        assert err <= bound, f"{jax.tree_util.keystr(path)}: {err:.3g} > {bound:.3g}"
+
+
+def run_steps(mesh, num_steps: int, dtype=jnp.float32):
+    """``num_steps`` SGD-momentum steps of cifar_cnn (BatchNorm, dropout) on ``mesh``, with the
+    whole state (params and every buffer) in ``dtype``."""
+    model = models.get("cifar_cnn", num_classes=10, dtype=dtype)
+    state = create_train_state(model, optax.sgd(0.1, 0.9), jax.random.key(0), (16, 16, 3))
+    cast = lambda x: (
+        jnp.asarray(x, dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+    )
+    state = jax.device_put(jax.tree.map(cast, state), parallel.replicated(mesh))
+    step = jax.jit(steps.train_step)
+    for i in range(num_steps):
+        batch = jax.tree.map(cast, make_batch(i))
+        state, sums = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)), KEY)
+    return jax.device_get(
+        {"params": state.params, "opt_state": state.opt_state, "stats": state.batch_stats}
+    ), jax.device_get(sums)
+
+
+KEY = jax.random.key(7)
+
+
+def test_one_sharded_step_equals_single_device():
+    """One step on 4 fake CPU devices vs 1: the same gradients, updated params, BatchNorm
+    statistics and metric sums, up to the order of float32 additions.
+
+    BatchNorm has no axis_name: XLA reduces its statistics over the global (sharded) batch; a
+    per-device reduction (statistics of 4 of the 16 images) would be far off. After the first
+    step the momentum trace in ``opt_state`` is the gradient itself (0.9 * 0 + g), so the state
+    holds it.
+
+    Tolerance: the two programs differ only in how the batch reductions are associated (four
+    partial sums and an all-reduce vs one sum). Rounding errors of a reassociated sum of n terms
+    add up like a random walk, about sqrt(n) ulps of the result's scale; the longest reduction
+    here is a first-layer kernel gradient over 16 images x 16 x 16 positions, n = 4096, so 64
+    ulps of each leaf's largest entry (measured: 14 on an AVX-512 EPYC).
+    """
     assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
+    many = run_steps(parallel.make_mesh(), 1)
+    one = run_steps(parallel.make_mesh(jax.devices()[:1]), 1)
+    assert_within_ulps(many, one, ulps=np.sqrt(16 * 16 * 16))
 
-    def run(mesh):
-        state = jax.device_put(make_state(tx=optax.sgd(0.1, 0.9)), parallel.replicated(mesh))
-        step = jax.jit(steps.train_step)
-        for i in range(3):
-            batch = jax.device_put(make_batch(i), parallel.batch_sharding(mesh))
-            state, m = step(state, batch, jax.random.key(7))
-        return jax.device_get((state.params, state.batch_stats, m))
 
-    many = run(parallel.make_mesh())
-    one = run(parallel.make_mesh(jax.devices()[:1]))
-    chex.assert_trees_all_close(many, one, atol=1e-5, rtol=1e-5)
+def test_sharded_steps_equal_single_device_in_float64():
+    """Three steps, 4 devices vs 1, computed in float64 throughout.
+
+    In float32 this comparison is chaotic: SGD at lr 0.1 with momentum through BatchNorm on 16
+    images amplifies a one-step rounding difference 18-35x per step, so three steps end 1e-4 to
+    1e-3 apart, passing or failing by CPU generation. In float64 the same dynamics start from a
+    one-step difference of at most 64 float64 ulps (as above) and grow at most 35x per step:
+    64 * 35**3 ulps ~ 6e-10 of each leaf's scale, so 1e-9 (4.5e6 ulps) still separates
+    reassociation from any real difference in semantics.
+    """
+    with jax.enable_x64(True):
+        many = run_steps(parallel.make_mesh(), 3, jnp.float64)
+        one = run_steps(parallel.make_mesh(jax.devices()[:1]), 3, jnp.float64)
+    assert jax.tree.leaves(many)[0].dtype == np.float64
+    assert_within_ulps(many, one, ulps=64 * 35**3)
 
 
 def test_eval_step_counts_only_masked_examples():
