@@ -1,18 +1,24 @@
-"""Orbax checkpoints of a run: ``WORKDIR/checkpoints/<step>/{state,meta}``.
+"""Orbax checkpoints of a run: ``WORKDIR/checkpoints/<step>/{state,meta}``, and ``load_run``,
+the one way to open a trained run.
 
 Kept: the latest ``max_to_keep`` checkpoints plus the best by a metric. ``meta``
 holds the epoch and that epoch's metrics; the data order and dropout keys derive from
 ``(seed, epoch, step)``, so restoring ``state`` and ``epoch`` is all a bit-identical resume needs.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from cnnjax.errors import CheckpointError
+from cnnjax import configs, models, parallel
+from cnnjax.data.pipeline import DatasetInfo
+from cnnjax.errors import CheckpointError, ConfigError
+from cnnjax.train_state import TrainState, init_variables
 
 
 def manager(
@@ -65,21 +71,22 @@ def restore(mngr, target, step: int | None = None):
       CheckpointError: no checkpoint, or one that does not fit ``target`` (another model or
         optimizer wrote it) or cannot be read.
     """
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        raise CheckpointError(
-            f"no checkpoint at step {step} in {mngr.directory}; have: {mngr.all_steps()}"
-        )
+    step = _checkpoint_step(mngr, mngr.latest_step() if step is None else step)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    restored = _restore_step(mngr, step, args)
+    return restored.state, restored.meta
+
+
+def _restore_step(mngr, step: int, args):
+    """``mngr.restore(step, args)``, an unreadable or mismatching checkpoint as one line."""
     try:
-        restored = mngr.restore(step, args=args)
+        return mngr.restore(step, args=args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {step} in {mngr.directory} does not match this config or is corrupt "
             f"({first_line[:200]}); use the config it was trained with, or another --workdir"
         ) from None
-    return restored.state, restored.meta
 
 
 def abstract_with_sharding(tree, sharding):
@@ -87,9 +94,130 @@ def abstract_with_sharding(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A run's JSON file; missing or unreadable is a one-line CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} is not a cnnjax run directory (no {path.name}){what}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); the run directory is damaged") from None
+
+
 def load_run_config(workdir: Path) -> ConfigDict:
-    """The config a run was trained with (``WORKDIR/config.json``)."""
-    path = workdir / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{workdir} is not a cnnjax run directory (no config.json)")
-    return ConfigDict(json.loads(path.read_text()))
+    """The config a run was trained with (``WORKDIR/config.json``), in today's layout
+    (``configs.upgrade`` reads the files of older versions)."""
+    return ConfigDict(configs.upgrade(_read_json(Path(workdir) / "config.json", "")))
+
+
+def load_dataset_info(workdir: Path) -> DatasetInfo:
+    """What a run's model was trained on (``WORKDIR/dataset.json``)."""
+    path = Path(workdir) / "dataset.json"
+    _read_json(path, ": it was never trained")
+    return DatasetInfo.load(path)
+
+
+def model_input_shape(config, info: DatasetInfo) -> tuple[int, int, int]:
+    """(H, W, C) of the model's inputs: the dataset's image shape, or ``data.image_size`` for a
+    dataset of variable-size images."""
+    shape = tuple(info.image_shape)
+    if None not in shape:
+        return shape
+    size = config.data.get("image_size")
+    if not size or shape[-1] is None:
+        raise ConfigError(f"run trained on images of variable shape {shape} without image_size")
+    return (size, size, shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A trained run opened for use: what it was trained with and an eval-ready state.
+
+    ``state`` holds the step, params, BatchNorm statistics and EMA weights; it has no optimizer
+    (``tx`` and ``opt_state`` are None), so it evaluates and predicts but does not train.
+    """
+
+    workdir: Path
+    config: ConfigDict
+    info: DatasetInfo
+    model: nn.Module
+    state: TrainState  # replicated over the mesh it was loaded on
+    epoch: int
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state.step))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images the model takes."""
+        return model_input_shape(self.config, self.info)
+
+    @property
+    def variables(self) -> dict:
+        """``{"params", "batch_stats"}`` as evaluation uses them (the EMA weights if kept)."""
+        return {"params": self.state.eval_params(), "batch_stats": self.state.batch_stats}
+
+
+def load_run(workdir, step: int | None = None, mesh=None) -> TrainedRun:
+    """Opens a trained run: its config, dataset info, model and the state at ``step`` (default:
+    the best checkpoint), replicated over ``mesh`` (default: every device).
+
+    Reads no dataset and builds no optimizer: the state is restored (only its params, BatchNorm
+    statistics, EMA weights and step) against the abstract shapes of the model itself.
+
+    Raises:
+      CheckpointError: not a run directory, no such checkpoint, or one that does not fit.
+    """
+    workdir = Path(workdir)
+    config = load_run_config(workdir)
+    info = load_dataset_info(workdir)
+    model = models.from_config(config.model, info.num_classes, config.dtype)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    target = eval_target(model, model_input_shape(config, info), bool(config.ema_decay), mesh)
+    mngr = run_manager(config, workdir, read_only=True)
+    try:
+        step = _checkpoint_step(mngr, step)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        state_args = ocp.args.PyTreeRestore(target, restore_args, partial_restore=True)
+        args = ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+        restored = _restore_step(mngr, step, args)
+    finally:
+        mngr.close()
+    s = restored.state
+    state = TrainState(
+        step=s["step"],
+        apply_fn=model.apply,
+        params=s["params"],
+        tx=None,
+        opt_state=None,
+        batch_stats=s.get("batch_stats") or {},
+        ema_params=s.get("ema_params"),
+        ema_decay=float(config.ema_decay),
+    )
+    return TrainedRun(workdir, config, info, model, state, int(restored.meta["epoch"]))
+
+
+def _checkpoint_step(mngr, step: int | None) -> int:
+    """``step``, or the best checkpoint's (the latest when none has the best metric)."""
+    if step is None:
+        step = mngr.best_step()
+        step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+        raise CheckpointError(
+            f"no checkpoint at step {step} in {mngr.directory}; have: {mngr.all_steps()}"
+        )
+    return step
+
+
+def eval_target(model, input_shape, ema: bool, mesh) -> dict:
+    """The abstract part of a TrainState that evaluation needs, replicated on ``mesh``."""
+    variables = jax.eval_shape(lambda k: init_variables(model, k, input_shape), jax.random.key(0))
+    target = {
+        "step": jax.ShapeDtypeStruct((), "int32"),
+        "params": variables["params"],
+        "batch_stats": variables.get("batch_stats", {}),
+    }
+    if ema:
+        target["ema_params"] = variables["params"]
+    return abstract_with_sharding(target, parallel.replicated(mesh))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cnnjax import models, plots, steps
+from cnnjax import checkpoint, models, plots, prediction, steps
 from cnnjax.errors import ConfigError, unknown_name
 from cnnjax.train_state import init_variables
 
@@ -369,19 +369,10 @@ def load_model(
 
 
 def _restore(workdir: Path, step: int | None) -> LoadedModel:
-    # cnnjax.predict restores a checkpoint without loading the dataset. Imported here: it
-    # defines its command-line flags on import.
-    from cnnjax import checkpoint, predict, trainer
-    from cnnjax.data.pipeline import DatasetInfo
-
-    predictor = predict.load_predictor(workdir, step)
-    config = checkpoint.load_run_config(workdir)
-    info = DatasetInfo.load(workdir / "dataset.json")
-    model = trainer.build_model(config, info.num_classes)
-    state = predictor.state
-    # The weights evaluation uses (the EMA when the run keeps one).
-    variables = {"params": state.eval_params(), "batch_stats": state.batch_stats}
-    return LoadedModel(model, variables, predictor.image_shape, info, config)
+    """A trained run's model with the weights evaluation uses (the EMA when the run keeps
+    one)."""
+    run = checkpoint.load_run(workdir, step)
+    return LoadedModel(run.model, run.variables, run.input_shape, run.info, run.config)
 
 
 def load_inputs(
@@ -396,7 +387,7 @@ def load_inputs(
     ``loaded`` (``load_model``'s result):
 
     - ``image_files``: converted to the model's image shape and channels
-      (``cnnjax.predict.load_image``) and normalised with the run's mean/std (a fresh model:
+      (``cnnjax.prediction.load_image``) and normalised with the run's mean/std (a fresh model:
       scaled to [0, 1]); labels None.
     - else, for a restored run: the first ``num_images`` examples of its dataset's ``split``.
     - else: ``num_images`` N(0, 1) random images (labels None), enough to look at a fresh
@@ -408,9 +399,7 @@ def load_inputs(
     info = loaded.info
     mean, std = (info.mean, info.std) if info else ((0.0,), (1.0,))
     if image_files:
-        from cnnjax import predict
-
-        raw = np.stack([predict.load_image(f, loaded.image_shape) for f in image_files])
+        raw = np.stack([prediction.load_image(f, loaded.image_shape) for f in image_files])
         return steps.normalize(raw, jnp.asarray(mean), jnp.asarray(std)), None
     if loaded.config is not None:
         batch = dataset_batch(loaded.config, info, num_images, split)
@@ -605,3 +594,46 @@ def write_report(
         symmetric=True,
     )
     return rows
+
+
+def report(
+    workdir=None,
+    model_name: str | None = None,
+    *,
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (28, 28, 1),
+    step: int | None = None,
+    seed: int = 0,
+    image_files: Sequence[str] | None = None,
+    num_images: int = 8,
+    split: str = "test",
+    layer: str | None = None,
+    class_index=None,
+    train: bool = False,
+    out_dir=None,
+) -> Path:
+    """``python -m cnnjax.inspect_model``: loads a run (or a fresh model), writes
+    ``write_report``'s files into ``out_dir`` (default ``WORKDIR/inspection``, or
+    ``checkpoints/inspection_<model>``) and prints the gradient table. Returns ``out_dir``."""
+    loaded = load_model(workdir, model_name, num_classes, input_shape, step=step, seed=seed)
+    images, labels = load_inputs(loaded, image_files, num_images, split=split, seed=seed)
+    if out_dir is None:
+        out_dir = (
+            Path(workdir) / "inspection"
+            if workdir
+            else Path("checkpoints") / f"inspection_{model_name}"
+        )
+    rows = write_report(
+        loaded.model,
+        loaded.variables,
+        images,
+        labels,
+        out_dir,
+        layer=layer,
+        class_index=class_index,
+        class_names=loaded.info.class_names if loaded.info else None,
+        train=train,
+    )
+    print(format_table(rows))
+    print(f"wrote gradients.csv and 5 PNGs to {out_dir}")
+    return Path(out_dir)

@@ -7,7 +7,7 @@ from functools import partial
 import jax
 import optax
 
-from cnnjax.errors import unknown_name
+from cnnjax.registry import Registry
 from cnnjax.train_state import path_str
 
 
@@ -33,12 +33,15 @@ def _piecewise(c, total, warmup):
     return optax.piecewise_constant_schedule(c.learning_rate, boundaries)
 
 
-SCHEDULES: dict[str, Callable] = {
-    "constant": lambda c, total, warmup: optax.constant_schedule(c.learning_rate),
-    "warmup_cosine": _warmup_cosine,
-    "onecycle": _onecycle,
-    "piecewise": _piecewise,
-}
+SCHEDULES: Registry[Callable] = Registry(
+    "schedule",
+    {
+        "constant": lambda c, total, warmup: optax.constant_schedule(c.learning_rate),
+        "warmup_cosine": _warmup_cosine,
+        "onecycle": _onecycle,
+        "piecewise": _piecewise,
+    },
+)
 
 
 def create_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -47,20 +50,21 @@ def create_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     ``warmup_epochs`` and ``lr_decay_at`` (fractions of training) are in epochs/fractions so they
     don't change meaning with the batch size.
     """
-    if config.schedule not in SCHEDULES:
-        raise unknown_name("schedule", config.schedule, SCHEDULES)
     total = config.num_epochs * steps_per_epoch
     warmup = int(config.warmup_epochs * steps_per_epoch)
     return SCHEDULES[config.schedule](config, total, warmup)
 
 
-OPTIMIZERS: dict[str, Callable] = {
-    "sgd": lambda c, lr: optax.sgd(lr, c.momentum or None, nesterov=c.nesterov),
-    "adam": lambda c, lr: optax.adam(lr),
-    "adamw": lambda c, lr: optax.adamw(lr, weight_decay=c.weight_decay, mask=decay_mask),
-    "lamb": lambda c, lr: optax.lamb(lr, weight_decay=c.weight_decay, mask=decay_mask),
-    "lion": lambda c, lr: optax.lion(lr, weight_decay=c.weight_decay, mask=decay_mask),
-}
+OPTIMIZERS: Registry[Callable] = Registry(
+    "optimizer",
+    {
+        "sgd": lambda c, lr: optax.sgd(lr, c.momentum or None, nesterov=c.nesterov),
+        "adam": lambda c, lr: optax.adam(lr),
+        "adamw": lambda c, lr: optax.adamw(lr, weight_decay=c.weight_decay, mask=decay_mask),
+        "lamb": lambda c, lr: optax.lamb(lr, weight_decay=c.weight_decay, mask=decay_mask),
+        "lion": lambda c, lr: optax.lion(lr, weight_decay=c.weight_decay, mask=decay_mask),
+    },
+)
 # Optimizers whose weight decay is decoupled and built in; the others get L2 added to the gradient
 # (PyTorch's `weight_decay` semantics for SGD and Adam).
 _DECOUPLED = {"adamw", "lamb", "lion"}
@@ -127,8 +131,6 @@ def create_plateau(config):
 
 
 def _base_optimizer(config, steps_per_epoch: int):
-    if config.optimizer not in OPTIMIZERS:
-        raise unknown_name("optimizer", config.optimizer, OPTIMIZERS)
     schedule = create_schedule(config, steps_per_epoch)
     parts = []
     if config.grad_clip_norm:

@@ -10,33 +10,28 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from cnnjax import cli, configs, runtime
+from cnnjax import cli, configs, trainer
 
+# accept_new_attributes: model attributes (--config.model.small_input=True) need not be in the
+# preset; every other unknown key is refused by configs.check_keys, naming the closest one.
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     configs.resolve("default"),
     "Preset name (" + ", ".join(configs.names()) + ") or path to a config file.",
-    lock_config=True,
+    lock_config=False,
+    accept_new_attributes=True,
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics). Default: checkpoints/<preset>."
 )
 
 
-def default_workdir() -> str:
-    """checkpoints/<preset or config file stem>."""
-    path = flags.FLAGS["config"].config_filename  # type: ignore[attr-defined]
-    return str(Path("checkpoints") / Path(path.split(":")[0]).stem)
-
-
 def main(argv):
-    if len(argv) > 1:
-        raise flags.Error(f"unexpected arguments: {' '.join(argv[1:])}")
-    runtime.configure_xla()
-    runtime.enable_compilation_cache()
-    from cnnjax.trainer import train_and_evaluate  # after the XLA flags are set
-
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value or default_workdir())
+    cli.no_extra_args(argv)
+    path = flags.FLAGS["config"].config_filename  # type: ignore[attr-defined]
+    configs.check_keys(_CONFIG.value, configs.load(path))
+    workdir = _WORKDIR.value or str(Path("checkpoints") / Path(path.split(":")[0]).stem)
+    trainer.train_and_evaluate(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

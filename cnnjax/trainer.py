@@ -4,7 +4,6 @@ Each step function is jitted once here, with the train state donated. Metrics ac
 on the device and are fetched once per ``log_every_steps`` and once per epoch.
 """
 
-import ast
 import dataclasses
 import json
 import time
@@ -13,22 +12,20 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import psutil
 from tqdm import tqdm
 
-from cnnjax import checkpoint, models, optim, parallel, plots, steps, transfer
+from cnnjax import checkpoint, configs, evaluation, models, optim, parallel, plots, steps, transfer
 from cnnjax import metrics as metrics_lib
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
-from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError, unknown_name
+from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cnnjax.train_state import abstract_train_state, create_train_state
 
 # Config keys that define what a workdir's checkpoints contain: resuming with other values
 # would fail to restore or silently mix two different runs.
-IDENTITY_KEYS = ("model", "model_kwargs", "dataset", "optimizer", "dtype")
-METRIC_KEYS = ("loss", "correct", "count")
+IDENTITY_KEYS = ("model", "dataset", "optimizer", "dtype")
 
 
 @dataclasses.dataclass
@@ -66,20 +63,19 @@ def wall_seconds() -> float:
 
 
 def validate_names(config) -> None:
-    """Fails at once, before any data is read, on an unknown model, optimizer or schedule."""
-    if config.model not in models.names():
-        raise unknown_name("model", config.model, models.names())
-    if config.optimizer not in optim.OPTIMIZERS:
-        raise unknown_name("optimizer", config.optimizer, optim.OPTIMIZERS)
-    if config.schedule not in optim.SCHEDULES:
-        raise unknown_name("schedule", config.schedule, optim.SCHEDULES)
+    """Fails at once, before any data is read, on an unknown model, model attribute,
+    optimizer, schedule or augmentation."""
+    models.check_config(config.model)
+    optim.OPTIMIZERS.check(config.optimizer)
+    optim.SCHEDULES.check(config.schedule)
+    augment_lib.parse(config.augment)
 
 
 def check_workdir(config, workdir: Path) -> None:
     """Refuses a workdir that holds a different run; writes config.json otherwise."""
     saved_path = workdir / "config.json"
     if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
+        saved = configs.upgrade(json.loads(saved_path.read_text()))
         current = json.loads(config.to_json_best_effort())
         diff = [k for k in IDENTITY_KEYS if k in saved and saved[k] != current.get(k)]
         if diff:
@@ -126,52 +122,22 @@ def load_data(config, mesh) -> Data:
     return Data(info, builder, train=put(arrays["train"]), evals=evals)
 
 
-def model_kwargs(config) -> dict:
-    """``config.model_kwargs``, a dict literal string, as a dict."""
-    try:
-        kwargs = ast.literal_eval(config.model_kwargs or "{}")
-    except (ValueError, SyntaxError):
-        kwargs = None
-    if not isinstance(kwargs, dict):
-        raise ConfigError(
-            f"model_kwargs must be a Python dict literal like \"{{'small_input': True}}\", "
-            f"got {config.model_kwargs!r}"
-        )
-    return kwargs
-
-
 def build_model(config, num_classes: int):
-    """The configured model, computing in ``config.dtype``.
-
-    Raises:
-      ConfigError: ``model_kwargs`` is malformed or names an attribute the model lacks.
-    """
-    kwargs = model_kwargs(config)
-    try:
-        return models.get(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model {config.model!r} does not accept model_kwargs: {e}") from None
+    """The configured model (``config.model``), computing in ``config.dtype``."""
+    return models.from_config(config.model, num_classes, config.dtype)
 
 
 def compile_steps(config, data: Data, mesh):
     """Jits the train and eval steps once; returns ``(train_fn, eval_fn)``.
 
-    Resident data: ``train_fn(state, acc, split, order, i)`` gathers batch ``i`` on the device
-    and ``eval_fn(state, acc, split, i)``; streaming: ``train_fn(state, acc, batch)`` and
-    ``eval_fn(state, acc, batch)``. ``acc`` holds the metric sums; state and sums are donated.
+    Resident data: ``train_fn(state, acc, split, order, i)`` gathers batch ``i`` on the device;
+    streaming: ``train_fn(state, acc, batch)``. ``acc`` holds the metric sums; state and sums
+    are donated. ``eval_fn`` is ``evaluation.compile_eval``'s.
     """
-    mean, std = jnp.asarray(data.info.mean), jnp.asarray(data.info.std)
-    dtype = jnp.dtype(config.dtype)
     key = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
     augment_key = jax.random.fold_in(jax.random.key(config.seed), 3)
     augment = augment_lib.build(config.augment, data.info.num_classes)
-    to_batch_sharding = partial(
-        jax.lax.with_sharding_constraint, shardings=parallel.batch_sharding(mesh)
-    )
-
-    def prepare(batch):
-        batch = to_batch_sharding(batch)
-        return {**batch, "image": steps.normalize(batch["image"], mean, std, dtype)}
+    prepare = evaluation.prepare_fn(data.info, mesh, jnp.dtype(config.dtype))
 
     def train(state, acc, batch):
         batch = augment(jax.random.fold_in(augment_key, state.step), prepare(batch))
@@ -179,26 +145,14 @@ def compile_steps(config, data: Data, mesh):
         state, sums = steps.train_step(state, batch, key, label_smoothing=ls)
         return state, jax.tree.map(jnp.add, acc, sums)
 
-    def evaluate(state, acc, batch):
-        sums = steps.eval_step(state, prepare(batch), flip_tta=config.flip_tta)
-        return jax.tree.map(jnp.add, acc, sums)
-
+    eval_fn = evaluation.compile_eval(config, data.info, mesh, data.resident)
     if data.resident:
-        bs, ebs = config.batch_size, config.data.eval_batch_size
+        bs = config.batch_size
         train_from = lambda s, a, split, order, i: train(
             s, a, pipeline.take_batch(split, order, i, bs)
         )
-        eval_from = lambda s, a, split, i: evaluate(s, a, pipeline.slice_batch(split, i, ebs))
-        return jax.jit(train_from, donate_argnums=(0, 1)), jax.jit(eval_from, donate_argnums=1)
-    return jax.jit(train, donate_argnums=(0, 1)), jax.jit(evaluate, donate_argnums=1)
-
-
-def zero_sums(mesh, num_classes: int | None = None) -> dict:
-    """Fresh on-device metric sums (with a confusion matrix for evaluation)."""
-    zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
-    if num_classes:
-        zeros["confusion"] = jnp.zeros((num_classes, num_classes), jnp.float32)
-    return jax.device_put(zeros, parallel.replicated(mesh))
+        return jax.jit(train_from, donate_argnums=(0, 1)), eval_fn
+    return jax.jit(train, donate_argnums=(0, 1)), eval_fn
 
 
 def state_options(config) -> dict:
@@ -241,35 +195,27 @@ def restore_or_init(run: Run, mngr, model, tx):
     return state, int(meta["epoch"])
 
 
-def eval_sums(run: Run, state, role: str) -> dict:
-    """Metric sums and confusion matrix on split ``role`` (validation or test), every example
-    counted once."""
-    acc = zero_sums(run.mesh, run.data.info.num_classes)
-    if run.data.resident:
-        split = run.data.evals[role]
-        for i in range(len(split["label"]) // run.config.data.eval_batch_size):
-            acc = run.eval_fn(state, acc, split, i)
-    else:
-        for batch in stream(run, role, epoch=0, train=False):
-            acc = run.eval_fn(state, acc, batch)
-    return jax.device_get(acc)
-
-
 def evaluate(run: Run, state, role: str) -> dict:
-    """``{eval|test}_loss`` and ``_accuracy`` on split ``role``."""
-    return metrics_lib.means(eval_sums(run, state, role), "test" if role == "test" else "eval")
+    """``{eval|test}_loss`` and ``_accuracy`` on split ``role`` (validation or test)."""
+    if run.data.resident:
+        batches = evaluation.resident_batches(run.data.evals[role], run.config.data.eval_batch_size)
+    else:
+        split = run.data.info.splits[role]
+        batches = evaluation.streamed_batches(run.config, run.data.builder, split, run.mesh)
+    sums = evaluation.eval_sums(run.eval_fn, state, batches, run.mesh, run.data.info.num_classes)
+    return metrics_lib.means(sums, "test" if role == "test" else "eval")
 
 
-def stream(run: Run, role: str, epoch: int, train: bool):
-    """Streaming batches of split ``role`` placed on the mesh."""
+def stream_train(run: Run, epoch: int):
+    """Streaming training batches placed on the mesh."""
     c = run.config
     batches = pipeline.stream_batches(
         run.data.builder,
-        run.data.info.splits[role],
-        c.batch_size if train else c.data.eval_batch_size,
+        run.data.info.splits["train"],
+        c.batch_size,
         seed=c.seed,
         epoch=epoch,
-        train=train,
+        train=True,
         image_size=c.data.image_size,
         limit=c.data.limit_examples,
     )
@@ -280,12 +226,12 @@ def stream(run: Run, role: str, epoch: int, train: bool):
 def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):
     """One epoch. Returns ``(state, train_metrics, images_per_sec)``; images/s excludes the
     first step of the process (compilation)."""
-    c, acc = run.config, zero_sums(run.mesh)
+    c, acc = run.config, evaluation.zero_sums(run.mesh)
     if run.data.resident:
         order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
         batches = ((run.data.train, order, i) for i in range(run.steps_per_epoch))
     else:
-        batches = ((b,) for b in stream(run, "train", epoch, train=True))
+        batches = ((b,) for b in stream_train(run, epoch))
     bar = tqdm(
         total=run.steps_per_epoch,
         desc=f"epoch {epoch + 1}/{c.num_epochs}",
@@ -361,8 +307,6 @@ def train_and_evaluate(config, workdir) -> dict:
     """
     workdir = Path(workdir)
     validate_names(config)
-    augment_lib.parse(config.augment)
-    model_kwargs(config)
     check_workdir(config, workdir)
     run = setup(config, workdir)
     if jax.process_index() == 0:
@@ -459,39 +403,3 @@ def format_line(line: dict) -> str:
         if k != "epoch":
             parts.append(f"{k}={v:.4f}" if isinstance(v, float) and v < 100 else f"{k}={v}")
     return " ".join(parts)
-
-
-def evaluate_checkpoint(workdir, step: int | None = None, split: str = "test") -> dict:
-    """Loss, accuracy, per-class accuracy and confusion matrix of a checkpoint on ``split``."""
-    workdir = Path(workdir)
-    config = checkpoint.load_run_config(workdir)
-    run = setup(config, workdir)
-    model = build_model(config, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    mngr = checkpoint.run_manager(config, workdir, read_only=True)
-    step = mngr.best_step() if step is None else step
-    state, meta = restore(run, mngr, model, tx, step)
-    sums = eval_sums(run, state, split)
-    confusion = np.asarray(sums["confusion"])
-    return {
-        "step": step,
-        "epoch": meta["epoch"],
-        "split": split,
-        **metrics_lib.means(sums, "test" if split == "test" else "eval"),
-        "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
-        "class_names": list(run.data.info.class_names),
-        "confusion": confusion.astype(int).tolist(),
-    }
-
-
-def format_report(result: dict) -> str:
-    """A readable report of ``evaluate_checkpoint``'s result."""
-    prefix = "test" if result["split"] == "test" else "eval"
-    lines = [
-        f"checkpoint step {result['step']} (epoch {result['epoch']}), split {result['split']}",
-        f"loss {result[prefix + '_loss']:.4f}  accuracy {result[prefix + '_accuracy']:.4f}",
-        "per-class accuracy:",
-    ]
-    for name, acc in zip(result["class_names"], result["per_class_accuracy"], strict=True):
-        lines.append(f"  {name:<16} {acc:.4f}")
-    return "\n".join(lines)

@@ -1,11 +1,8 @@
 """Transfer learning: initialise a TrainState from another run's best checkpoint, by path."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cnnjax import checkpoint
 from cnnjax.errors import CheckpointError
@@ -16,16 +13,13 @@ HEAD = "head/"
 
 
 def read_pretrained(workdir) -> dict:
-    """``{"params": ..., "batch_stats": ...}`` of another run's best checkpoint, as numpy."""
-    workdir = Path(workdir)
-    config = checkpoint.load_run_config(workdir)
-    mngr = checkpoint.run_manager(config, workdir, read_only=True)
-    step = mngr.best_step()
-    if step is None:
-        raise CheckpointError(f"init_from: no checkpoint in {workdir}")
-    args = ocp.args.Composite(state=ocp.args.StandardRestore())
-    state = mngr.restore(step, args=args).state
-    return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    """``{"params": ..., "batch_stats": ...}`` of another run's best checkpoint (its trained
+    weights, not the EMA)."""
+    try:
+        run = checkpoint.load_run(workdir)
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from: {e}") from None
+    return {"params": run.state.params, "batch_stats": run.state.batch_stats}
 
 
 def merge(fresh, pretrained, what: str):

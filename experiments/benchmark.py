@@ -10,7 +10,7 @@ that compares frameworks is a ratio measured within the same invocation.
     python experiments/benchmark.py --models simple_cnn resnet20 --rounds 3 --steps 30
     python experiments/benchmark.py --quick     # smoke test: 1 round, 3 steps, torch eager only
 
-cnnjax is timed through the path ``python -m cnnjax.train`` runs: ``runtime.configure_xla()``,
+cnnjax is timed through the path ``python -m cnnjax.train`` runs: ``cli.configure_xla()``,
 ``trainer.setup`` (resident data, jitted and donated step), ``trainer.initial_state`` and
 ``run.train_fn(state, acc, run.data.train, order, i)``. The persistent compilation cache is
 off, so the warm-up column shows a cold compile.
@@ -129,7 +129,7 @@ def bench_config(model: str, data_dir: str | None):
     from cnnjax.configs import default
 
     c = default.get_config()
-    c.model, c.batch_size, c.label_smoothing, c.schedule = model, BATCH_SIZE, 0.0, "constant"
+    c.model.name, c.batch_size, c.label_smoothing, c.schedule = model, BATCH_SIZE, 0.0, "constant"
     c.update(OPTIM[model])
     c.data.validation_fraction = 0.1
     c.data.data_dir = data_dir
@@ -137,9 +137,9 @@ def bench_config(model: str, data_dir: str | None):
 
 
 def cnnjax_worker(args) -> dict:
-    from cnnjax import runtime
+    from cnnjax import cli
 
-    runtime.configure_xla()  # before JAX initialises its backend
+    cli.configure_xla()  # before JAX initialises its backend
     import jax
 
     from cnnjax import optim, trainer

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import runtime, steps
+from cnnjax import cli, steps
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models.resnet import CifarResNet
 from cnnjax.train_state import TrainState, init_variables
@@ -233,8 +233,8 @@ def main():
     parser.add_argument("--data-dir", default=None, help="TFDS data_dir (~/tensorflow_datasets)")
     parser.add_argument("--out", default="experiments/out")
     args = parser.parse_args()
-    runtime.configure_xla()
-    runtime.enable_compilation_cache()
+    cli.configure_xla()
+    cli.enable_compilation_cache()
 
     data = load_data(args.data_dir, args.steps * args.batch_size, args.num_test)
     rows = []

@@ -27,7 +27,7 @@ VARIANTS = {
     "fast_pool": ("fast", "", {}),
     "ynn_flags": ("nn", YNN, {}),
     "fast": ("fast", YNN, {}),
-    "fast_runtime": ("fast", "runtime", {}),  # flags from cnnjax.runtime.configure_xla()
+    "fast_runtime": ("fast", "runtime", {}),  # flags from cnnjax.cli.configure_xla()
     "fast_fastmath": ("fast", YNN + " --xla_cpu_enable_fast_math=true", {}),
     "fast_no_ynn": ("fast", "--xla_cpu_experimental_ynn_fusion_type=", {}),
     "fast_ynn_dot_only": ("fast", "--xla_cpu_experimental_ynn_fusion_type=dot", {}),
@@ -74,9 +74,9 @@ def jax_worker(args):
     """Builds and compiles the variant's step; returns (info, run_one_window)."""
     pool, flags, _ = VARIANTS[args.worker]
     if flags == "runtime":
-        from cnnjax import runtime
+        from cnnjax import cli
 
-        runtime.configure_xla()
+        cli.configure_xla()
     import jax
 
     if pool == "nn":

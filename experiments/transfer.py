@@ -27,6 +27,7 @@ pre-training run is shared. Prints a table and writes OUT/transfer.png and OUT/t
 """
 
 import argparse
+import ast
 import json
 import time
 from pathlib import Path
@@ -34,8 +35,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
-from cnnjax import configs, optim, runtime, steps, trainer, transfer
+from cnnjax import cli, configs, optim, steps, trainer, transfer
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.train_state import create_train_state, path_str
@@ -110,7 +112,8 @@ def load_tasks(config) -> dict:
 def base_config(args):
     """The ``default`` preset with this experiment's model and data directory."""
     c = configs.get("default")
-    c.model, c.model_kwargs, c.seed = args.model, args.model_kwargs, args.seed
+    c.model = ConfigDict({"name": args.model, **ast.literal_eval(args.model_kwargs or "{}")})
+    c.seed = args.seed
     c.data.data_dir = args.data_dir
     c.num_epochs = args.pretrain_epochs
     return c
@@ -328,8 +331,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime.configure_xla()  # before JAX initialises its backend
-    runtime.enable_compilation_cache()
+    cli.configure_xla()  # before JAX initialises its backend
+    cli.enable_compilation_cache()
     start = time.perf_counter()
     tasks = load_tasks(base_config(args))
     mean, std = (jnp.asarray(s) for s in pipeline.channel_stats(tasks["source_train"]["image"]))

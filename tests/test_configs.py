@@ -4,6 +4,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from cnnjax import cli, configs, trainer
@@ -27,15 +28,55 @@ def test_preset_is_valid(name):
     assert "python -m cnnjax.train" in module.__doc__  # each preset documents its command
 
 
-def test_unknown_preset_and_bad_model_kwargs():
+def test_unknown_preset_and_bad_model_attributes():
     with pytest.raises(UnknownNameError, match="default"):
         configs.resolve("defualt")
     assert cli.resolve_config_arg(["x", "--config=tiny"])[1].endswith("configs/tiny.py")
     assert cli.resolve_config_arg(["--config=my/file.py:arg"]) == ["--config=my/file.py:arg"]
+    assert cli.resolve_config_arg(["--config.model=resnet20"]) == ["--config.model.name=resnet20"]
     config = configs.get("tiny")
-    config.model_kwargs = "{'no_such_attribute': 1}"
-    with pytest.raises(ConfigError, match="does not accept"):
+    config.model.no_such_attribute = 1
+    with pytest.raises(ConfigError, match="has no attribute 'no_such_attribute'"):
         trainer.build_model(config, 10)
-    config.model_kwargs = "small_input=True"
-    with pytest.raises(ConfigError, match="dict literal"):
+    config = configs.get("tiny")
+    config.model.name = "resnet18"
+    config.model.smal_input = True
+    with pytest.raises(ConfigError, match="did you mean 'small_input'"):
         trainer.build_model(config, 10)
+    config.model = ml_collections.ConfigDict({"name": "resnet18", "small_input": "yes"})
+    with pytest.raises(ConfigError, match="small_input='yes' must be like the default"):
+        trainer.build_model(config, 10)
+
+
+def test_model_group_builds_the_model_with_its_attributes():
+    config = configs.get("cifar10_resnet18")
+    model = trainer.build_model(config, 10)
+    assert model.small_input is True and model.num_classes == 10
+
+
+def test_unknown_config_keys_name_the_closest():
+    reference = configs.get("tiny")
+    config = configs.get("tiny")
+    config.num_epoch = 3  # a typo of num_epochs
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key --config.num_epoch; did you mean --config.num_epochs\?",
+    ):
+        configs.check_keys(config, reference)
+    config = configs.get("tiny")
+    config.data.eval_batchsize = 3
+    with pytest.raises(ConfigError, match="did you mean --config.data.eval_batch_size"):
+        configs.check_keys(config, reference)
+    config = configs.get("tiny")
+    config.model.small_input = True  # model attributes are the model's to check
+    configs.check_keys(config, reference)
+
+
+def test_config_json_of_older_versions_is_upgraded():
+    old = {"model": "resnet18", "model_kwargs": "{'small_input': True}", "dataset": "cifar10"}
+    assert configs.upgrade(old) == {
+        "model": {"name": "resnet18", "small_input": True},
+        "dataset": "cifar10",
+    }
+    new = {"model": {"name": "resnet18"}, "dataset": "cifar10"}
+    assert configs.upgrade(new) == new

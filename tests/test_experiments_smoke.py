@@ -34,7 +34,7 @@ def test_round_order_alternates():
 
 def test_bench_config_matches_the_spec():
     c = benchmark.bench_config("resnet20", None)
-    assert (c.model, c.batch_size, c.optimizer, c.nesterov) == ("resnet20", 128, "sgd", True)
+    assert (c.model.name, c.batch_size, c.optimizer, c.nesterov) == ("resnet20", 128, "sgd", True)
     assert (c.label_smoothing, c.schedule, c.data.validation_fraction) == (0.0, "constant", 0.1)
     c = benchmark.bench_config("simple_cnn", "/data")
     assert (c.optimizer, c.learning_rate, c.data.data_dir) == ("adam", 1e-3, "/data")

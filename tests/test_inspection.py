@@ -253,7 +253,7 @@ def test_cli_on_a_fresh_model_with_image_files(tmp_path):
 
 @pytest.mark.slow
 def test_restored_run_with_images_from_its_test_split(tiny_config, tmp_path):
-    from cnnjax import predict, trainer
+    from cnnjax import prediction, trainer
 
     trainer.train_and_evaluate(tiny_config, tmp_path)
     loaded = inspection.load_model(tmp_path)
@@ -262,7 +262,7 @@ def test_restored_run_with_images_from_its_test_split(tiny_config, tmp_path):
     assert images.shape == (32, 28, 28, 1) and labels.shape == (32,)
     # The restored model is the one predict uses, on the same (normalised) test images.
     raw = inspection.dataset_batch(loaded.config, loaded.info, 32)["image"]
-    probs = predict.load_predictor(tmp_path).predict(raw)
+    probs = prediction.load_predictor(tmp_path).predict(raw)
     logits = inspection.logits(loaded.model, loaded.variables, images)
     np.testing.assert_allclose(jax.nn.softmax(logits), probs, atol=1e-5)
     assert np.mean(np.argmax(probs, -1) == np.asarray(labels)) > 0.5  # trained: ~70% on test

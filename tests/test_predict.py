@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import checkpoint, predict
+from cnnjax import checkpoint, prediction
 from cnnjax.errors import CheckpointError, CnnjaxError, ConfigError
 
 NUM_IMAGES = 64
@@ -32,7 +32,7 @@ def workdir(fmnist_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(workdir):
-    return predict.load_predictor(workdir)
+    return prediction.load_predictor(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def reference_logits(workdir, images):
 
 
 def test_predictions_are_the_models_own(workdir, predictor, png_files, test_arrays):
-    results = predict.predict_files(predictor, png_files, top_k=3)
+    results = prediction.predict_files(predictor, png_files, top_k=3)
     logits, best_step = reference_logits(workdir, test_arrays["image"])
     top1 = np.array([r["top"][0]["class"] for r in results])
     np.testing.assert_array_equal(top1, logits.argmax(-1))
@@ -88,8 +88,8 @@ def test_predictions_are_the_models_own(workdir, predictor, png_files, test_arra
 
 def test_probabilities_sum_to_one_and_top_k_is_ordered(predictor, png_files):
     k = predictor.num_classes
-    full = predict.predict_files(predictor, png_files[:5], top_k=k + 5)  # clipped to K
-    short = predict.predict_files(predictor, png_files[:5], top_k=2)
+    full = prediction.predict_files(predictor, png_files[:5], top_k=k + 5)  # clipped to K
+    short = prediction.predict_files(predictor, png_files[:5], top_k=2)
     for whole, two in zip(full, short, strict=True):
         p = [t["probability"] for t in whole["top"]]
         assert len(p) == k and sum(p) == pytest.approx(1.0, abs=1e-5)
@@ -101,12 +101,12 @@ def test_probabilities_sum_to_one_and_top_k_is_ordered(predictor, png_files):
 def test_batches_are_padded_and_chunked_without_changing_results(
     predictor, test_arrays, monkeypatch
 ):
-    assert [predict.padded_size(n) for n in (1, 2, 3, 5, 64, 256, 300)] == [
+    assert [prediction.padded_size(n) for n in (1, 2, 3, 5, 64, 256, 300)] == [
         1, 2, 4, 8, 64, 256, 256,
     ]  # fmt: skip
     images = test_arrays["image"][:11]
     together = predictor.predict(images)
-    monkeypatch.setattr(predict, "MAX_BATCH", 4)  # 11 images -> chunks of 4, 4, 3 (padded to 4)
+    monkeypatch.setattr(prediction, "MAX_BATCH", 4)  # 11 images -> chunks of 4, 4, 3 (padded to 4)
     chunked = predictor.predict(images)
     np.testing.assert_allclose(chunked, together, atol=1e-5)
     assert together.shape == (11, predictor.num_classes) and together.dtype == np.float32
@@ -119,10 +119,10 @@ def test_rgb_jpeg_is_converted_to_the_model_input(predictor, test_arrays, tmp_pa
     path = tmp_path / "photo.jpg"
     big = Image.fromarray(grey, "L").resize((64, 64), Image.Resampling.BILINEAR)
     big.convert("RGB").save(path, quality=95)
-    image = predict.load_image(path, predictor.image_shape)
+    image = prediction.load_image(path, predictor.image_shape)
     assert image.shape == (28, 28, 1) and image.dtype == np.uint8
     assert np.abs(image[..., 0].astype(int) - grey).mean() < 12  # the same picture, resampled
-    [result] = predict.predict_files(predictor, [path], top_k=3)
+    [result] = prediction.predict_files(predictor, [path], top_k=3)
     assert len(result["top"]) == 3 and result["file"] == str(path)
 
 
@@ -131,18 +131,18 @@ def test_load_image_converts_channels(tmp_path):
     rgba[..., 0], rgba[..., 3] = 200, 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(np.full((10, 20), 77, np.uint8), "L").save(tmp_path / "grey.png")
-    rgb = predict.load_image(tmp_path / "rgba.png", (5, 8, 3))
+    rgb = prediction.load_image(tmp_path / "rgba.png", (5, 8, 3))
     assert rgb.shape == (5, 8, 3) and (rgb == [200, 0, 0]).all()
-    grey3 = predict.load_image(tmp_path / "grey.png", (10, 20, 3))
+    grey3 = prediction.load_image(tmp_path / "grey.png", (10, 20, 3))
     assert grey3.shape == (10, 20, 3) and (grey3 == 77).all()
-    grey1 = predict.load_image(tmp_path / "rgba.png", (10, 20, 1))
+    grey1 = prediction.load_image(tmp_path / "rgba.png", (10, 20, 1))
     assert grey1.shape == (10, 20, 1) and 55 < grey1.mean() < 65  # ITU-R 601 luma of red
     ramp = np.linspace(0, 65535, 200).astype(np.uint16).reshape(10, 20)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")  # 16-bit: scaled, not clipped at 255
-    grey16 = predict.load_image(tmp_path / "grey16.png", (10, 20, 1))
+    grey16 = prediction.load_image(tmp_path / "grey16.png", (10, 20, 1))
     np.testing.assert_allclose(grey16[..., 0], ramp / 257, atol=1)
     with pytest.raises(ConfigError, match="2 channels"):
-        predict.load_image(tmp_path / "grey.png", (10, 20, 2))
+        prediction.load_image(tmp_path / "grey.png", (10, 20, 2))
 
 
 def test_unreadable_files_raise_one_line_errors(tmp_path):
@@ -158,8 +158,8 @@ def test_unreadable_files_raise_one_line_errors(tmp_path):
         ".": "is a directory",
     }
     for name, reason in cases.items():
-        with pytest.raises(predict.UnreadableImageError) as e:
-            predict.load_image(tmp_path / name, (28, 28, 1))
+        with pytest.raises(prediction.UnreadableImageError) as e:
+            prediction.load_image(tmp_path / name, (28, 28, 1))
         assert isinstance(e.value, CnnjaxError) and "\n" not in str(e.value)
         assert str(e.value) == f"{tmp_path / name}: {e.value.reason}" and reason in e.value.reason
 
@@ -167,7 +167,7 @@ def test_unreadable_files_raise_one_line_errors(tmp_path):
 def test_a_bad_file_does_not_stop_the_others(predictor, png_files, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("hello")
-    results = predict.predict_files(predictor, [png_files[0], bad, png_files[1]])
+    results = prediction.predict_files(predictor, [png_files[0], bad, png_files[1]])
     assert [r["file"] for r in results] == [str(png_files[0]), str(bad), str(png_files[1])]
     assert "top" in results[0] and "top" in results[2] and "top" not in results[1]
     assert results[1]["error"] == "not an image PIL can read (PNG, JPEG, ...)"
@@ -175,7 +175,7 @@ def test_a_bad_file_does_not_stop_the_others(predictor, png_files, tmp_path):
 
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a cnnjax run directory"):
-        predict.load_predictor(tmp_path)
+        prediction.load_predictor(tmp_path)
 
 
 def run_cli(*args, cache_dir):
@@ -209,7 +209,7 @@ def test_cli_json(workdir, predictor, png_files, cache_dir):
     result = run_cli(f"--workdir={workdir}", "--json", *png_files[:4], cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     parsed = json.loads(result.stdout)
-    expected = predict.predict_files(predictor, png_files[:4], top_k=3)
+    expected = prediction.predict_files(predictor, png_files[:4], top_k=3)
     assert [r["file"] for r in parsed] == [str(p) for p in png_files[:4]]
     for got, want in zip(parsed, expected, strict=True):
         assert [t["class"] for t in got["top"]] == [t["class"] for t in want["top"]]

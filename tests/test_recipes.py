@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import checkpoint, models, optim, trainer
+from cnnjax import checkpoint, evaluation, models, optim, trainer
 from cnnjax.errors import CheckpointError
 from cnnjax.train_state import create_train_state
 
@@ -47,7 +47,7 @@ def test_plateau_lowers_lr_and_early_stopping_restores_the_best(tiny_config, tmp
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] < lrs[0] / 2  # lowered at least twice
     # The final state is the best checkpoint Orbax kept (by eval_loss; min_delta only decides
     # when to stop).
-    best = trainer.evaluate_checkpoint(tmp_path, split="test")
+    best = evaluation.evaluate_run(tmp_path, split="test")
     assert final["early_stopped"] and final["epoch"] == best["epoch"]
     assert final["test_accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-6)
     assert final["test_loss"] == pytest.approx(best["test_loss"], rel=1e-6)
@@ -69,7 +69,7 @@ def restored(config, workdir):
 
 
 def test_frozen_backbone_is_bit_identical(tiny_config, tmp_path):
-    config = variant(tiny_config, model="cifar_cnn", num_epochs=1, freeze="backbone")
+    config = variant(tiny_config, **{"model.name": "cifar_cnn"}, num_epochs=1, freeze="backbone")
     params0, stats0 = initial_params(config)
     state = restored(config, tmp_path) if trainer.train_and_evaluate(config, tmp_path) else None
     for name in params0:
@@ -94,7 +94,7 @@ def test_init_from_loads_matching_params_and_rejects_another_model(tiny_config, 
     loaded, _ = initial_params(config)
     jax.tree.map(np.testing.assert_array_equal, pretrained, loaded)
 
-    other = variant(tiny_config, model="cifar_cnn", init_from=str(source))
+    other = variant(tiny_config, **{"model.name": "cifar_cnn"}, init_from=str(source))
     with pytest.raises(CheckpointError, match="do not match the pretrained run.*block1_conv1"):
         initial_params(other)
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from cnnjax import models
-from cnnjax.summary import SummaryTable, parse_shape, summary
+from cnnjax.cli import parse_shape
+from cnnjax.summary import SummaryTable, summary
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 
 from cnnjax import checkpoint, optim, trainer
 from cnnjax.errors import CheckpointError, TrainingDivergedError
-from cnnjax.trainer import evaluate_checkpoint
+from cnnjax.evaluation import evaluate_run
 
 LINE_KEYS = {
     "epoch",
@@ -43,7 +43,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     assert lines[-1]["test_accuracy"] > 0.5  # 2 tiny epochs on 512 images: far above chance
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model"] == "simple_cnn" and saved["dataset"] == "fashion_mnist"
+    assert saved["model"] == {"name": "simple_cnn"} and saved["dataset"] == "fashion_mnist"
     assert json.loads((tmp_path / "dataset.json").read_text())["num_classes"] == 10
     assert any((tmp_path / "tensorboard").iterdir())
     mngr = checkpoint.manager(tmp_path, read_only=True)
@@ -51,7 +51,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
 
     # The same command again is a no-op; evaluate agrees with the trainer's last test line.
     assert trainer.train_and_evaluate(tiny_config, tmp_path) == line
-    result = evaluate_checkpoint(tmp_path, step=32, split="test")
+    result = evaluate_run(tmp_path, step=32, split="test")
     assert result["test_accuracy"] == pytest.approx(line["test_accuracy"], abs=1e-6)
     assert result["test_loss"] == pytest.approx(line["test_loss"], rel=1e-5)
     assert sum(map(sum, result["confusion"])) == 512
@@ -90,10 +90,10 @@ def test_step_functions_compile_once(tiny_config, tmp_path):
 def test_workdir_of_another_run_is_refused(tiny_config, tmp_path):
     trainer.check_workdir(tiny_config, tmp_path)
     other = tiny_config.copy_and_resolve_references()
-    other.model = "cifar_cnn"
+    other.model.name = "cifar_cnn"
     with pytest.raises(CheckpointError, match="different run.*simple_cnn.*cifar_cnn"):
         trainer.train_and_evaluate(other, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model"] == "simple_cnn"
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == {"name": "simple_cnn"}
 
 
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
@@ -118,14 +118,9 @@ def test_streaming_path_trains_and_evaluates_every_example(tiny_config, tmp_path
     assert not run.data.resident
     line = trainer.train_and_evaluate(config, tmp_path)
     assert math.isfinite(line["train_loss"]) and line["test_accuracy"] > 0.3
-    sums = trainer.eval_sums(run, restored_state(config, tmp_path, run), "test")
-    assert float(sums["count"]) == 512  # the padded last batch is masked, nothing counted twice
-
-
-def restored_state(config, workdir, run):
-    model = trainer.build_model(config, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    return trainer.restore(run, checkpoint.manager(workdir, read_only=True), model, tx)[0]
+    result = evaluate_run(tmp_path, split="test")  # streams too: the run's config says so
+    assert result["test_accuracy"] == line["test_accuracy"]
+    assert np.sum(result["confusion"]) == 512  # the padded last batch is masked, none twice
 
 
 def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
@@ -135,7 +130,7 @@ def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
     config = configs.get("fashion_mnist_best")
     config.data.data_dir = fmnist_data_dir
     config.data.limit_examples = 256
-    config.model_kwargs = "{'widths': (4, 8, 8)}"
+    config.model.widths = (4, 8, 8)
     config.num_epochs, config.batch_size, config.warmup_epochs = 1, 32, 0.5
     line = trainer.train_and_evaluate(config, tmp_path)
     assert math.isfinite(line["train_loss"]) and 0 <= line["test_accuracy"] <= 1

@@ -1,19 +1,31 @@
 """Presets: each module here has a ``get_config()`` returning an ``ml_collections.ConfigDict``.
 
 ``--config=NAME`` on the command line names a preset (``default``, ``tiny``...) or a path to any
-config file with a ``get_config()``.
+config file with a ``get_config()``. Overrides (``--config.KEY=VALUE``) may add attributes to the
+``model`` group only; any other key the config file does not define is refused by
+``check_keys``, naming the closest valid key.
 """
 
+import ast
+import difflib
 from pathlib import Path
 
-from cnnjax.errors import unknown_name
+from ml_collections import ConfigDict
+
+from cnnjax.errors import ConfigError
+from cnnjax.registry import Registry
 
 PRESETS_DIR = Path(__file__).parent
+PRESETS: Registry[Path] = Registry(
+    "config preset",
+    {p.stem: p for p in sorted(PRESETS_DIR.glob("*.py")) if not p.stem.startswith("_")},
+)
+OPEN_GROUPS = ("model",)  # groups whose keys are checked against the model, not the file
 
 
 def names() -> list[str]:
     """Names of the presets shipped with cnnjax."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    return PRESETS.names()
 
 
 def resolve(name_or_path: str) -> str:
@@ -21,13 +33,54 @@ def resolve(name_or_path: str) -> str:
     path, sep, arg = name_or_path.partition(":")
     if path.endswith(".py") or "/" in path:
         return name_or_path
-    if path not in names():
-        raise unknown_name("config preset", path, names())
-    return str(PRESETS_DIR / f"{path}.py") + sep + arg
+    return str(PRESETS[path]) + sep + arg
 
 
-def get(name: str):
-    """The ConfigDict of preset ``name`` (for Python users and tests)."""
+def load(name_or_path: str) -> ConfigDict:
+    """The ConfigDict of a preset or config file, without overrides (unlocked: the ``model``
+    group takes new attributes, ``config.model.small_input = True``)."""
     from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-    return ConfigFileFlagParser(name="config").parse(resolve(name))
+    return ConfigFileFlagParser(name="config", lock_config=False).parse(resolve(name_or_path))
+
+
+get = load  # for Python users and tests: configs.get("tiny")
+
+
+def flat_keys(config, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf (``data.eval_batch_size``), groups in ``OPEN_GROUPS`` as
+    one key."""
+    keys = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ConfigDict | dict) and path not in OPEN_GROUPS:
+            keys += flat_keys(value, path + ".")
+        else:
+            keys.append(path)
+    return keys
+
+
+def check_keys(config: ConfigDict, reference: ConfigDict) -> None:
+    """Refuses keys of ``config`` that ``reference`` (the file it came from) lacks: they can
+    only be typos of an override.
+
+    Raises:
+      ConfigError: the first unknown key, with the closest valid one.
+    """
+    valid = flat_keys(reference)
+    for key in flat_keys(config):
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean --config.{close[0]}?" if close else "see --helpfull"
+            raise ConfigError(f"unknown config key --config.{key}; {hint}")
+
+
+def upgrade(saved: dict) -> dict:
+    """A ``config.json`` written before the model became a group (``"model": "resnet18"`` with
+    ``"model_kwargs": "{'small_input': True}"``) in today's layout
+    (``"model": {"name": "resnet18", "small_input": True}``); current files unchanged."""
+    saved = dict(saved)
+    if isinstance(saved.get("model"), str):
+        kwargs = ast.literal_eval(saved.pop("model_kwargs", None) or "{}")
+        saved["model"] = {"name": saved["model"], **kwargs}
+    return saved

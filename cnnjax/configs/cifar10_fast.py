@@ -9,13 +9,16 @@ Not measured by the project yet (it needs a GPU); airbench reaches 94% with a si
 about 10 epochs.
 """
 
+from ml_collections import ConfigDict
+
 from cnnjax.configs import default
 
 
 def get_config():
     c = default.get_config()
-    c.model = "fast_cnn"
-    c.model_kwargs = "{'stem_width': 32, 'widths': (64, 256, 256), 'depth': 2}"
+    c.model = ConfigDict(
+        {"name": "fast_cnn", "stem_width": 32, "widths": (64, 256, 256), "depth": 2}
+    )
     c.dataset = "cifar10"
     c.num_epochs = 10
     c.batch_size = 1024

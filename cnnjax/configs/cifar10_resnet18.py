@@ -7,13 +7,14 @@ Expected: ~95% test accuracy after 100 epochs (standard recipe; no augmentation 
 config enables).
 """
 
+from ml_collections import ConfigDict
+
 from cnnjax.configs import default
 
 
 def get_config():
     c = default.get_config()
-    c.model = "resnet18"
-    c.model_kwargs = "{'small_input': True}"
+    c.model = ConfigDict({"name": "resnet18", "small_input": True})
     c.dataset = "cifar10"
     c.num_epochs = 100
     c.batch_size = 512

@@ -12,10 +12,10 @@ from ml_collections import ConfigDict, config_dict
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
-    c.model = "simple_cnn"
-    # Extra model attributes as a Python dict literal, e.g. "{'small_input': True}" (a string, so
-    # that --config.model_kwargs=... can set any of them from the command line).
-    c.model_kwargs = "{}"
+    # The model: a registry name plus any of its attributes, each settable from the command line
+    # (--config.model.name=resnet18 --config.model.small_input=True; --config.model=NAME is
+    # short for --config.model.name=NAME) and checked against the model before anything runs.
+    c.model = ConfigDict({"name": "simple_cnn"})
     c.dataset = "fashion_mnist"
     c.dtype = "float32"  # compute dtype; params, optimizer state and BN statistics stay float32
 

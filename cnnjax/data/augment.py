@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
-from cnnjax.errors import ConfigError, unknown_name
+from cnnjax.errors import ConfigError
+from cnnjax.registry import Registry
 
-AUGMENTATIONS: dict[str, Callable[..., dict]] = {}
+AUGMENTATIONS: Registry[Callable[..., dict]] = Registry("augmentation")
 _RULES: dict[str, dict[str, "_Rule"]] = {}  # op name -> parameter name -> what it accepts
 
 
@@ -93,7 +94,7 @@ def _register(name: str, **rules: _Rule):
     """Decorator adding op ``fn`` to ``AUGMENTATIONS``, with the rules of its parameters."""
 
     def add(fn):
-        AUGMENTATIONS[name] = fn
+        AUGMENTATIONS.register(fn, name=name)
         _RULES[name] = rules
         return fn
 
@@ -436,8 +437,7 @@ def _parse_op(node: ast.expr, spec: str) -> tuple[str, dict]:
         raise ConfigError(
             f"augmentation {ast.unparse(node)!r} in {spec!r}: write name or name(param=value, ...)"
         )
-    if head.id not in AUGMENTATIONS:
-        raise unknown_name("augmentation", head.id, AUGMENTATIONS)
+    AUGMENTATIONS.check(head.id)
     params = {}
     for kw in call.keywords if call else []:
         if kw.arg is None or kw.arg in params:

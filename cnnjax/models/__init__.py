@@ -2,34 +2,33 @@
 
 ``get(name, num_classes=..., **kwargs)`` returns a Linen module whose ``__call__(x, train)`` maps
 NHWC images to float32 logits; ``names()`` lists what is registered. Families register themselves
-with ``@register`` in their own module; this file imports them all explicitly.
+with ``@register`` in their own module; this file imports them all explicitly. A config names its
+model with a group, ``config.model.name`` plus any of the model's attributes
+(``config.model.small_input``, ``config.model.widths``): ``from_config`` validates and builds it.
 """
 
-from collections.abc import Callable
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
 
-from cnnjax.errors import unknown_name
+from cnnjax.errors import ConfigError
+from cnnjax.registry import Registry
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+register = MODELS.register  # decorator: a factory ``fn(num_classes, **kwargs) -> nn.Module``
 
-
-def register(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None):
-    """Decorator adding a model factory ``fn(num_classes, **kwargs) -> nn.Module``."""
-
-    def add(f):
-        key = name or f.__name__
-        if key in _REGISTRY:
-            raise ValueError(f"model {key!r} is registered twice")
-        _REGISTRY[key] = f
-        return f
-
-    return add if fn is None else add(fn)
+# Attributes every model has that the config sets elsewhere (``num_classes`` from the dataset,
+# ``dtype`` from ``config.dtype``) or that are Linen's own.
+_NOT_OPTIONS = ("num_classes", "dtype", "parent", "name")
+_LITERAL_TYPES = (bool, int, float, str, tuple, type(None))
 
 
 def names() -> list[str]:
     """Sorted names of every registered model."""
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def get(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
@@ -38,9 +37,69 @@ def get(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     Raises:
       UnknownNameError: (a ``ValueError``) ``name`` is unknown; the message lists valid names.
     """
-    if name not in _REGISTRY:
-        raise unknown_name("model", name, _REGISTRY)
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def options(name: str) -> dict[str, object]:
+    """The attributes of model ``name`` a config may set (``config.model.<attribute>``), with
+    their defaults: those whose values are plain literals (numbers, strings, tuples, None)."""
+    module = get(name)
+    return {
+        f.name: getattr(module, f.name)
+        for f in dataclasses.fields(module)
+        if f.name not in _NOT_OPTIONS and isinstance(getattr(module, f.name), _LITERAL_TYPES)
+    }
+
+
+def _fits(value, default) -> bool:
+    """Whether a config value can stand for an attribute whose default is ``default``."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(default))
+
+
+def check_config(model_config: Mapping) -> dict[str, object]:
+    """Validates a ``config.model`` group (``name`` plus model attributes) before anything is
+    built; returns the attributes as keyword arguments (lists as tuples).
+
+    Raises:
+      UnknownNameError: the model name is unknown.
+      ConfigError: an attribute the model does not have (the closest one named), or a value of
+        another type than the attribute's default.
+    """
+    settings = dict(model_config)
+    name = settings.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("config.model.name must name a model (see cnnjax.models.names())")
+    allowed = options(name)
+    kwargs = {}
+    for key, value in settings.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"model {name!r} has no attribute {key!r} (config.model.{key}); {hint}"
+                f"it has: {', '.join(sorted(allowed)) or 'none'}"
+            )
+        if not _fits(value, allowed[key]):
+            raise ConfigError(
+                f"config.model.{key}={value!r} must be like the default of {name}.{key}, "
+                f"{allowed[key]!r}"
+            )
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return kwargs
+
+
+def from_config(model_config: Mapping, num_classes: int, dtype: str = "float32") -> nn.Module:
+    """The model a ``config.model`` group describes, computing in ``dtype``."""
+    kwargs = check_config(model_config)
+    return get(model_config["name"], num_classes, dtype=jnp.dtype(dtype), **kwargs)
 
 
 # Families register on import; keep this list explicit (no importlib on strings).

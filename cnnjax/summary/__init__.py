@@ -13,7 +13,7 @@ its output shape, its own parameters and its multiply-accumulates (MACs):
 
 FLOPs = 2 x MACs. All counts are per image.
 
-Command line::
+Command line (``cnnjax/summary/__main__.py``)::
 
     python -m cnnjax.summary --model resnet50 [--input-shape 224,224,3] [--num-classes 1000]
         [--batch-size 1] [--nocount-padding]
@@ -21,18 +21,14 @@ Command line::
 
 import dataclasses
 import math
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app, flags
 from flax.linen.linear import canonicalize_padding
 from jax import lax
-
-from cnnjax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,44 +238,3 @@ def _human(n: float) -> str:
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g}P"
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'H,W,C' -> (H, W, C)."""
-    try:
-        shape = tuple(int(d) for d in text.split(","))
-    except ValueError:
-        raise ValueError(f"--input-shape must be H,W,C integers, got {text!r}") from None
-    if len(shape) != 3:
-        raise ValueError(f"--input-shape must be H,W,C, got {text!r}")
-    return shape
-
-
-def _define_flags() -> None:
-    """Command-line flags; defined only when run as a program so importing defines none."""
-    flags.DEFINE_string("model", None, "Registered model name (see cnnjax.models.names()).")
-    flags.DEFINE_string("input_shape", "224,224,3", "Image shape H,W,C.")
-    flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
-    flags.DEFINE_integer("batch_size", 1, "Batch size of the traced input (shapes only).")
-    flags.DEFINE_bool("count_padding", True, "Count conv taps on zero padding (published way).")
-    flags.mark_flag_as_required("model")
-    for name in ("input_shape", "num_classes", "batch_size", "count_padding"):
-        flags.DEFINE_alias(name.replace("_", "-"), name)
-
-
-def main(argv: Sequence[str]) -> None:
-    """Prints the summary of ``--model``; a bad name or shape is a one-line error, exit 2."""
-    del argv
-    f = flags.FLAGS
-    try:
-        model = models.get(f.model, num_classes=f.num_classes)
-        shape = parse_shape(f.input_shape)
-        summary(model, shape, batch_size=f.batch_size, count_padding=f.count_padding)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
