@@ -3,7 +3,7 @@
 Before ``main`` runs, identically for every tool: ``--config=NAME`` resolved to a preset file,
 the XLA flags measured fastest for the target platform added to ``XLA_FLAGS`` (the user's own
 entries win), JAX's persistent compilation cache turned on, and library chatter (absl, Orbax,
-TensorFlow) lowered to warnings. While it runs, a ``CnnjaxError`` (a mistake the user can fix)
+TensorFlow) lowered to errors unless ``--verbosity`` is given. While it runs, a ``CnnjaxError`` (a mistake the user can fix)
 and any error while parsing the flags end the process with one line ``error: ...`` on stderr
 and exit status 2; ``CNNJAX_TRACEBACK=1`` shows the traceback too. Anything else is a bug and
 keeps its traceback.
@@ -164,15 +164,23 @@ def enable_compilation_cache(
     return directory
 
 
+def expand_shorthands(argv: list[str]) -> list[str]:
+    """``--config.model=NAME`` -> ``--config.model.name=NAME`` (the model is a config group).
+
+    Pure string work, safe at flag-definition time (``config_flags`` checks the order of the
+    overrides in ``sys.argv`` when the flag is defined).
+    """
+    prefix = "--config.model="
+    return [f"--config.model.name={a[len(prefix) :]}" if a.startswith(prefix) else a for a in argv]
+
+
 def resolve_config_arg(argv: list[str]) -> list[str]:
     """Rewrites ``--config=NAME`` (a preset name) to the preset's file path for config_flags,
-    and the shorthand ``--config.model=NAME`` to ``--config.model.name=NAME``."""
+    and expands the shorthands."""
     out = []
-    for arg in argv:
+    for arg in expand_shorthands(argv):
         if arg.startswith("--config="):
             arg = "--config=" + configs.resolve(arg.split("=", 1)[1])
-        elif arg.startswith("--config.model="):
-            arg = "--config.model.name=" + arg.split("=", 1)[1]
         out.append(arg)
     return out
 
@@ -203,7 +211,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def prepare_process() -> None:
     """XLA flags, compilation cache and log levels: the same for every entry point."""
-    logging.set_verbosity(logging.WARNING)  # Orbax and absl info logs are not for the terminal
+    if not flags.FLAGS["verbosity"].present:  # --verbosity=N (absl's own flag) still wins
+        # Orbax's and absl's info and warnings (e.g. "read-only manager saves nothing") are
+        # not for the terminal.
+        logging.set_verbosity(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     configure_xla()
     enable_compilation_cache()

@@ -57,7 +57,7 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def plot_curves(lines: list[dict], path, title: str | None = None) -> Path:
+def plot_curves(lines: list[dict], path, title: str | None = None, train_targets: str = "") -> Path:
     """Training vs validation loss and accuracy per epoch, side by side (the Keras tutorial's
     plot), as a PNG at ``path``.
 
@@ -67,6 +67,9 @@ def plot_curves(lines: list[dict], path, title: str | None = None) -> Path:
         ``test_accuracy`` goes into the title. Missing or non-finite values are skipped.
       path: the PNG to write (replaced atomically).
       title: figure title (default: none, or the test accuracy when known).
+      train_targets: how the training loss's targets differ from the validation loss's hard
+        labels (e.g. "label smoothing 0.1"), shown in its legend: such a loss is not
+        comparable with the validation loss (smoothing alone keeps it above).
 
     Returns:
       ``path`` as a Path.
@@ -83,7 +86,9 @@ def plot_curves(lines: list[dict], path, title: str | None = None) -> Path:
         for split, label in (("train", "Training"), ("eval", "Validation")):
             epochs, values = _series(lines, f"{split}_{metric}")
             if epochs:
-                ax.plot(epochs, values, marker="o", markersize=3, label=f"{label} {metric}")
+                note = f" ({train_targets})" if split == "train" and train_targets else ""
+                label = f"{label} {metric}{note}"
+                ax.plot(epochs, values, marker="o", markersize=3, label=label)
         ax.set(title=f"Training and Validation {metric.capitalize()}", xlabel="epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

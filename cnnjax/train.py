@@ -5,6 +5,7 @@ With no flags it trains the ``default`` preset (Fashion-MNIST) into ``checkpoint
 Running the same command again resumes from the latest checkpoint in the workdir.
 """
 
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -20,6 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Preset name (" + ", ".join(configs.names()) + ") or path to a config file.",
     lock_config=False,
     accept_new_attributes=True,
+    sys_argv=cli.expand_shorthands(sys.argv),
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics). Default: checkpoints/<preset>."

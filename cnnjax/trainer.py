@@ -347,10 +347,18 @@ def fit(run: Run, state, done: int, mngr, writer) -> dict:
         writer.epoch(line)
         if jax.process_index() == 0:
             print(format_line(line), flush=True)
-            plots.plot_curves(metrics_lib.read_lines(run.workdir), run.workdir / "curves.png")
+            lines = metrics_lib.read_lines(run.workdir)
+            plots.plot_curves(lines, run.workdir / "curves.png", train_targets=train_targets(c))
         if (epoch + 1) % c.checkpointing.every_epochs == 0 or epoch + 1 == c.num_epochs:
             checkpoint.save(mngr, state, epoch + 1, {k: v for k, v in line.items() if k != "epoch"})
     return line
+
+
+def train_targets(config) -> str:
+    """How the training loss's targets differ from hard labels ("" when they do not)."""
+    notes = [f"label smoothing {config.label_smoothing:g}"] if config.label_smoothing else []
+    notes += [op for op, _ in augment_lib.parse(config.augment) if op in ("mixup", "cutmix")]
+    return ", ".join(notes)
 
 
 def step_plateau(run: Run, state, eval_loss: float):

@@ -112,3 +112,22 @@ def test_import_is_free_and_drawing_leaves_pyplot_alone(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_png(tmp_path / "c.png")
+
+
+def test_training_loss_legend_names_its_targets(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "save_atomic", lambda fig, path, dpi=100: figures.append(fig))
+    plots.plot_curves(synthetic_lines(), tmp_path / "c.png", train_targets="label smoothing 0.1")
+    legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert legend == ["Training loss (label smoothing 0.1)", "Validation loss"]
+
+
+def test_train_targets_describe_smoothing_and_mixing():
+    from cnnjax import configs, trainer
+
+    config = configs.get("default")
+    assert trainer.train_targets(config) == "label smoothing 0.1"
+    config.label_smoothing, config.augment = 0.0, "crop(pad=2),mixup(alpha=0.2)"
+    assert trainer.train_targets(config) == "mixup"
+    config.augment = ""
+    assert trainer.train_targets(config) == ""

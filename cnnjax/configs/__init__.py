@@ -41,7 +41,15 @@ def load(name_or_path: str) -> ConfigDict:
     group takes new attributes, ``config.model.small_input = True``)."""
     from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-    return ConfigFileFlagParser(name="config", lock_config=False).parse(resolve(name_or_path))
+    path = resolve(name_or_path)
+    try:
+        config = ConfigFileFlagParser(name="config", lock_config=False).parse(path)
+        config.keys()  # a file that failed to load parses to a stand-in that raises on use
+        return config
+    except Exception as e:  # the config file's own error (missing, syntax, ...) is the user's
+        cause = e.__cause__ or e
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[-1].strip()
+        raise ConfigError(f"cannot load config file {path}: {reason}") from e
 
 
 get = load  # for Python users and tests: configs.get("tiny")

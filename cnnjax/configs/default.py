@@ -72,7 +72,6 @@ def get_config() -> ConfigDict:
     c.data.in_memory = "auto"  # auto | yes | no: keep the whole dataset on the device
     c.data.in_memory_max_bytes = 2 * 1024**3  # auto: datasets up to this size stay on device
     c.data.image_size = config_dict.placeholder(int)  # streaming: resize to this (px); None: as is
-    c.data.shuffle_buffer = 10_000  # streaming only
     c.data.eval_batch_size = 1000
     c.data.limit_examples = 0  # keep only the first N examples of each split (0: all)
 

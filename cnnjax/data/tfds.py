@@ -10,8 +10,11 @@ the checksums of those known copies in ``checksums/<dataset>.tsv`` and a file is
 matches either TFDS's own checksum or one registered there.
 """
 
+import contextlib
 import hashlib
+import os
 import socket
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -85,10 +88,29 @@ def _import_tfds():
 
 def import_tensorflow():
     """TensorFlow, kept off accelerators (it only reads files); call before any tf.data use."""
-    import tensorflow as tf
+    with _native_stderr_silenced():
+        import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
     return tf
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null for the duration: TensorFlow's C++ start-up banners
+    ("oneDNN custom operations are on", CPU feature notes) are written before absl logging is
+    initialised, so ``TF_CPP_MIN_LOG_LEVEL`` cannot hold them back. Python-level errors raised
+    inside still propagate (and print once stderr is back)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _sha256(path: Path) -> str:
