@@ -44,14 +44,14 @@ def compile_eval(config, info: pipeline.DatasetInfo, mesh, resident: bool):
     """
     prepare = prepare_fn(info, mesh, jnp.dtype(config.dtype))
 
-    def evaluate(state, acc, batch):
+    def add_eval_sums(state, acc, batch):
         sums = steps.eval_step(state, prepare(batch), flip_tta=config.flip_tta)
         return jax.tree.map(jnp.add, acc, sums)
 
     if not resident:
-        return jax.jit(evaluate, donate_argnums=1)
+        return jax.jit(add_eval_sums, donate_argnums=1)
     ebs = config.data.eval_batch_size
-    sliced = lambda s, a, split, i: evaluate(s, a, pipeline.slice_batch(split, i, ebs))
+    sliced = lambda s, a, split, i: add_eval_sums(s, a, pipeline.slice_batch(split, i, ebs))
     return jax.jit(sliced, donate_argnums=1)
 
 

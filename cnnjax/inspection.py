@@ -18,7 +18,6 @@ Command line: ``python -m cnnjax.inspect_model --help``.
 """
 
 import csv
-import math
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -33,9 +32,6 @@ from flax import traverse_util
 from cnnjax import checkpoint, models, plots, prediction, steps
 from cnnjax.errors import ConfigError, unknown_name
 from cnnjax.train_state import init_variables
-
-MAX_PANELS = 64  # at most this many panels in one PNG grid
-
 
 # --------------------------------------------------------------------------------------------
 # Layers
@@ -448,70 +444,6 @@ def write_csv(rows: list[dict], path) -> None:
         writer.writerows(rows)
 
 
-def plot_gradient_bars(rows: list[dict], path, title: str = "gradient norms") -> None:
-    """Horizontal bars of ``grad_norm`` per row, log scale, coloured by kind."""
-    from matplotlib.patches import Patch
-
-    colors = {"conv": "tab:blue", "dense": "tab:green", "activation": "tab:orange"}
-    fig = plots.figure(7, 1.2 + 0.22 * len(rows))
-    ax = fig.subplots()
-    y = np.arange(len(rows))
-    norms = [max(r["grad_norm"], 1e-30) for r in rows]  # log scale: no zeros
-    ax.barh(y, norms, color=[colors[r["kind"]] for r in rows])
-    ax.set_yticks(y, [r["layer"] for r in rows], fontsize=7)
-    ax.invert_yaxis()  # input at the top
-    ax.set_xscale("log")
-    ax.set_xlabel("L2 norm of d loss / d (kernel | block output)")
-    ax.set_title(title)
-    handles = [Patch(color=c, label=kind) for kind, c in colors.items()]
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
-    plots.save_atomic(fig, path, dpi=110)
-
-
-def save_grid(
-    arrays,
-    path,
-    title: str,
-    *,
-    ncols: int | None = None,
-    labels: Sequence[str] | None = None,
-    symmetric: bool = False,
-    cmap: str | Sequence[str] = "viridis",
-) -> None:
-    """A PNG grid of images: each panel (h, w) (colour-mapped) or (h, w, 3) (RGB).
-
-    Args:
-      arrays: a sequence of panels (at most ``MAX_PANELS`` are drawn).
-      ncols: panels per row (default: a near-square grid).
-      labels: a small title per panel.
-      symmetric: one colour scale for every panel, centred on zero (red +, blue -), for signed
-        weights and gradients; otherwise each panel is scaled to its own range.
-      cmap: colour map of the (h, w) panels, or one per panel.
-    """
-    panels = [np.asarray(a, np.float32) for a in list(arrays)[:MAX_PANELS]]
-    ncols = min(ncols or math.ceil(math.sqrt(len(panels))), len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    vmax = max(float(np.abs(p).max()) for p in panels) or 1.0
-    fig = plots.figure(1.3 * ncols, 1.3 * nrows + 0.5)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= len(panels):
-            continue
-        p = panels[i]
-        if p.ndim == 3:  # RGB: map to [0, 1]
-            lo, hi = (-vmax, vmax) if symmetric else (p.min(), p.max())
-            ax.imshow(np.clip((p - lo) / max(hi - lo, 1e-12), 0, 1))
-        elif symmetric:
-            ax.imshow(p, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-        else:
-            ax.imshow(p, cmap=cmap if isinstance(cmap, str) else cmap[i])
-        if labels is not None:
-            ax.set_title(labels[i], fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    plots.save_atomic(fig, path, dpi=110)
-
-
 def kernel_panels(kernel) -> tuple[list[np.ndarray], int, str]:
     """Panels of a kernel (kh, kw, cin, cout) for ``save_grid``: ``(panels, ncols, layout)``.
 
@@ -559,7 +491,7 @@ def write_report(
     kgrads = kernel_gradients(model, variables, images, labels, train)
     rows = gradient_table(kgrads, activation_gradients(model, variables, images, labels, train))
     write_csv(rows, out / "gradients.csv")
-    plot_gradient_bars(rows, out / "gradients.png", f"gradient norms ({len(images)} images)")
+    plots.plot_gradient_bars(rows, out / "gradients.png", f"gradient norms ({len(images)} images)")
     layer = layer or first_conv(kgrads)
 
     sal = saliency(model, variables, images, class_index)
@@ -569,7 +501,7 @@ def write_report(
         for p, t in zip(predicted, np.asarray(labels), strict=True)
     ]
     n = len(images)
-    save_grid(
+    plots.save_grid(
         displayable(images) + list(np.asarray(sal)),
         out / "saliency.png",
         "inputs with predicted class (top), saliency max_c |d logit / d input| (bottom)",
@@ -579,14 +511,14 @@ def write_report(
     )
     fm = np.asarray(feature_maps(model, variables, images, layer))
     channels = np.moveaxis(fm[0], -1, 0) if fm.ndim == 4 else [fm.reshape(len(fm), -1)]
-    save_grid(channels, out / "feature_maps.png", f"feature maps of {layer} (image 0)")
+    plots.save_grid(channels, out / "feature_maps.png", f"feature maps of {layer} (image 0)")
     filters, ncols, layout = kernel_panels(first_layer_filters(model, variables, images))
-    save_grid(
+    plots.save_grid(
         filters, out / "filters.png", f"first-layer filters ({layout})", ncols=ncols, symmetric=True
     )
     path = resolve_kernel(kgrads, layer)
     panels, ncols, layout = kernel_panels(kgrads[path])
-    save_grid(
+    plots.save_grid(
         panels,
         out / "kernel_gradients.png",
         f"d loss / d {path} ({layout})",

@@ -1,4 +1,5 @@
-"""Pictures of a run: training curves (``curves.png``) and the confusion matrix.
+"""Pictures: training curves (``curves.png``), the confusion matrix, and the inspection PNGs
+(gradient bars, image and kernel grids).
 
 Figures are drawn with matplotlib's object API on an Agg canvas: no window, no pyplot global
 state (safe to call every epoch from the trainer, or from a notebook without changing its
@@ -10,6 +11,7 @@ disk never leaves a half-written picture behind.
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,70 @@ def _annotate_cells(ax, values: np.ndarray, normalize: bool) -> None:
     for (i, j), v in np.ndenumerate(values):
         color = "white" if v > threshold else "black"
         ax.text(j, i, fmt.format(v), ha="center", va="center", color=color, fontsize=fontsize)
+
+
+MAX_PANELS = 64  # at most this many panels in one save_grid PNG
+
+
+def plot_gradient_bars(rows: list[dict], path, title: str = "gradient norms") -> None:
+    """Horizontal bars of ``grad_norm`` per row, log scale, coloured by kind."""
+    from matplotlib.patches import Patch
+
+    colors = {"conv": "tab:blue", "dense": "tab:green", "activation": "tab:orange"}
+    fig = figure(7, 1.2 + 0.22 * len(rows))
+    ax = fig.subplots()
+    y = np.arange(len(rows))
+    norms = [max(r["grad_norm"], 1e-30) for r in rows]  # log scale: no zeros
+    ax.barh(y, norms, color=[colors[r["kind"]] for r in rows])
+    ax.set_yticks(y, [r["layer"] for r in rows], fontsize=7)
+    ax.invert_yaxis()  # input at the top
+    ax.set_xscale("log")
+    ax.set_xlabel("L2 norm of d loss / d (kernel | block output)")
+    ax.set_title(title)
+    handles = [Patch(color=c, label=kind) for kind, c in colors.items()]
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    save_atomic(fig, path, dpi=110)
+
+
+def save_grid(
+    arrays,
+    path,
+    title: str,
+    *,
+    ncols: int | None = None,
+    labels: Sequence[str] | None = None,
+    symmetric: bool = False,
+    cmap: str | Sequence[str] = "viridis",
+) -> None:
+    """A PNG grid of images: each panel (h, w) (colour-mapped) or (h, w, 3) (RGB).
+
+    Args:
+      arrays: a sequence of panels (at most ``MAX_PANELS`` are drawn).
+      ncols: panels per row (default: a near-square grid).
+      labels: a small title per panel.
+      symmetric: one colour scale for every panel, centred on zero (red +, blue -), for signed
+        weights and gradients; otherwise each panel is scaled to its own range.
+      cmap: colour map of the (h, w) panels, or one per panel.
+    """
+    panels = [np.asarray(a, np.float32) for a in list(arrays)[:MAX_PANELS]]
+    ncols = min(ncols or math.ceil(math.sqrt(len(panels))), len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    vmax = max(float(np.abs(p).max()) for p in panels) or 1.0
+    fig = figure(1.3 * ncols, 1.3 * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(panels):
+            continue
+        p = panels[i]
+        if p.ndim == 3:  # RGB: map to [0, 1]
+            lo, hi = (-vmax, vmax) if symmetric else (p.min(), p.max())
+            ax.imshow(np.clip((p - lo) / max(hi - lo, 1e-12), 0, 1))
+        elif symmetric:
+            ax.imshow(p, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        else:
+            ax.imshow(p, cmap=cmap if isinstance(cmap, str) else cmap[i])
+        if labels is not None:
+            ax.set_title(labels[i], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_atomic(fig, path, dpi=110)

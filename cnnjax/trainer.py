@@ -195,7 +195,7 @@ def restore_or_init(run: Run, mngr, model, tx):
     return state, int(meta["epoch"])
 
 
-def evaluate(run: Run, state, role: str) -> dict:
+def split_metrics(run: Run, state, role: str) -> dict:
     """``{eval|test}_loss`` and ``_accuracy`` on split ``role`` (validation or test)."""
     if run.data.resident:
         batches = evaluation.resident_batches(run.data.evals[role], run.config.data.eval_batch_size)
@@ -269,10 +269,10 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
         "epoch": epoch + 1,
         "step": int(state.step),
         **train_m,
-        **evaluate(run, state, "validation"),
+        **split_metrics(run, state, "validation"),
     }
     if epoch + 1 == run.config.num_epochs:
-        line.update(evaluate(run, state, "test"))
+        line.update(split_metrics(run, state, "test"))
     scale = 1.0 if state.plateau is None else float(state.plateau.scale)
     line["learning_rate"] = float(run.schedule(int(state.step))) * scale
     line["train_images_per_sec"] = round(ips, 1)
@@ -394,8 +394,8 @@ def finish_early(run: Run, mngr, writer) -> dict:
         "epoch": meta["epoch"],
         "step": int(state.step),
         "early_stopped": True,
-        **evaluate(run, state, "validation"),
-        **evaluate(run, state, "test"),
+        **split_metrics(run, state, "validation"),
+        **split_metrics(run, state, "test"),
         "wall_s": round(wall_seconds(), 2),
     }
     if jax.process_index() == 0:

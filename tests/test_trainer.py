@@ -83,7 +83,7 @@ def test_step_functions_compile_once(tiny_config, tmp_path):
     writer = trainer.metrics_lib.Writer(tmp_path)
     for epoch in range(2):
         state, _, _ = trainer.train_epoch(run, state, epoch, writer, epoch == 0)
-        trainer.evaluate(run, state, "validation")
+        trainer.split_metrics(run, state, "validation")
     assert run.train_fn._cache_size() == 1 and run.eval_fn._cache_size() == 1
 
 
