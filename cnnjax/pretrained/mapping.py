@@ -91,11 +91,11 @@ def put(flat: dict, base: str, tensors: Mapping[str, np.ndarray]) -> None:
 
 def put_conv_bn(flat: dict, sd: StateDict, flax_path: str, conv: str, bn: str) -> None:
     """A ``ConvBN`` at ``flax_path`` from torch's conv ``conv`` and BatchNorm ``bn``: the kernel
-    under ``params/<flax_path>/conv``, the norm under ``params|batch_stats/<flax_path>/norm``."""
+    under ``params/<flax_path>/conv``, the norm under ``params|batch_stats/<flax_path>/bn``."""
     put(flat, f"params/{flax_path}/conv", sd.conv(conv))
     params, stats = sd.batch_norm(bn)
-    put(flat, f"params/{flax_path}/norm", params)
-    put(flat, f"batch_stats/{flax_path}/norm", stats)
+    put(flat, f"params/{flax_path}/bn", params)
+    put(flat, f"batch_stats/{flax_path}/bn", stats)
 
 
 def assemble(flat: Mapping[str, np.ndarray], template, sd: StateDict) -> dict:
