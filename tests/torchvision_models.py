@@ -33,3 +33,52 @@ def _has_op(name: str) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+# Every zoo name torchvision publishes ImageNet weights for (cnnjax/pretrained/weights.py).
+WEIGHTS_FAMILIES = (
+    "alexnet",
+    *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
+    *(f"resnet{d}" for d in (18, 34, 50, 101, 152)),
+    "wide_resnet50_2",
+    "mobilenet_v2",
+    "googlenet",
+    "densenet121",
+    "efficientnet_b0",
+    "convnext_tiny",
+)
+
+
+def weights_table() -> tuple[dict, dict]:
+    """``(WEIGHTS, DEFAULT)`` as ``cnnjax/pretrained/weights.py`` holds them, read from the
+    installed torchvision's ``Weights`` enums: zoo name -> tag -> entry, and zoo name -> the tag
+    ``DEFAULT`` means."""
+    tv = import_torchvision()
+    weights, default = {}, {}
+    for name in WEIGHTS_FAMILIES:
+        enum = tv.models.get_model_weights(name)
+        default[name] = enum.DEFAULT.name
+        weights[name] = {}
+        for w in enum:
+            t = w.transforms()
+            categories = w.meta.get("categories")
+            weights[name][w.name] = {
+                "url": w.url,
+                "resize_size": t.resize_size[0],
+                "crop_size": t.crop_size[0],
+                "mean": tuple(t.mean),
+                "std": tuple(t.std),
+                "interpolation": t.interpolation.value,
+                "num_classes": len(categories) if categories else None,
+            }
+    return weights, default
+
+
+if __name__ == "__main__":  # prints the table's source: python tests/torchvision_models.py
+    import pprint
+
+    table, defaults = weights_table()
+    print("WEIGHTS = ", end="")
+    pprint.pprint(table, sort_dicts=False, width=96)
+    print("DEFAULT = ", end="")
+    pprint.pprint(defaults, sort_dicts=False, width=96)

@@ -8,7 +8,8 @@ variable shapes. Every mismatch (a key the file lacks, a key nothing used, a sha
 differs) is a ``PretrainedMismatchError`` naming the first offending key.
 """
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -47,6 +48,15 @@ class StateDict:
 
     def has(self, key: str) -> bool:
         return key in self._tensors
+
+    def skip(self, prefix: str) -> None:
+        """Marks every key under ``prefix.`` as used: tensors the zoo model deliberately has no
+        place for (GoogLeNet's auxiliary classifiers)."""
+        self._used.update(k for k in self._tensors if k.startswith(f"{prefix}."))
+
+    def rename(self, fn: Callable[[str], str]) -> None:
+        """Renames every key through ``fn`` (legacy key spellings onto today's)."""
+        self._tensors = {fn(k): v for k, v in self._tensors.items()}
 
     def conv(self, prefix: str, bias: bool = False) -> dict[str, np.ndarray]:
         """``prefix.weight`` (O, I/groups, kH, kW) -> ``{"kernel": (kH, kW, I/groups, O)}``, with
@@ -96,6 +106,24 @@ def put_conv_bn(flat: dict, sd: StateDict, flax_path: str, conv: str, bn: str) -
     params, stats = sd.batch_norm(bn)
     put(flat, f"params/{flax_path}/bn", params)
     put(flat, f"batch_stats/{flax_path}/bn", stats)
+
+
+def flatten_rows_chw_to_hwc(kernel: np.ndarray, channels: int) -> np.ndarray:
+    """The first Linear after a flatten, from torch's (C, H, W) flattening to the zoo's (H, W, C).
+
+    Args:
+      kernel: (C * H * W, out) Flax kernel of a square H = W feature map with ``channels``.
+
+    Returns:
+      (H * W * C, out): row ``(h * W + w) * C + c`` holds torch's row ``(c * H + h) * W + w``.
+    """
+    rows, out = kernel.shape
+    side = math.isqrt(rows // channels)
+    if side * side * channels != rows:
+        raise PretrainedMismatchError(
+            f"a Linear with {rows} inputs cannot follow a square {channels}-channel feature map"
+        )
+    return kernel.reshape(channels, side, side, out).transpose(1, 2, 0, 3).reshape(rows, out)
 
 
 def assemble(flat: Mapping[str, np.ndarray], template, sd: StateDict) -> dict:
