@@ -135,7 +135,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     tensors = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     if not isinstance(tensors, Mapping) or not tensors:
         raise WeightsFileError(f"{path} holds no state_dict (a dict of parameter tensors)")
-    return {str(k): _to_numpy(v, path) for k, v in tensors.items()}
+    return {str(k): _to_numpy(v, f"{path}: {k!r}") for k, v in tensors.items()}
 
 
 def _read_safetensors(path: Path):
@@ -167,12 +167,13 @@ def _read_torch(path: Path):
         raise WeightsFileError(f"{path} is truncated or not a torch file ({first_line})") from e
 
 
-def _to_numpy(value, path: Path) -> np.ndarray:
+def _to_numpy(value, what: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if not hasattr(value, "detach"):
         raise WeightsFileError(
-            f"{path} holds a {type(value).__name__}, not a state_dict (a dict of tensors)"
+            f"{what} is a {type(value).__name__}, not a tensor: the file is no state_dict (a "
+            "training checkpoint? save model.state_dict())"
         )
     t = value.detach().cpu()
     return (t.float() if t.is_floating_point() else t).numpy()
