@@ -277,6 +277,17 @@ def test_num_classes_gives_a_new_head_and_keeps_the_rest(resnet18):
     assert zoo_logits(model, ten, images(64)).shape == (2, 10)
 
 
+def test_an_untrained_head_is_replaced_at_the_same_size(resnet18):
+    """vgg16's IMAGENET1K_FEATURES file has a classifier that was never trained."""
+    tensors = hub.read_state_dict(resnet18[1])
+    _, kept = pretrained.from_state_dict("resnet18", tensors)
+    _, new = pretrained.from_state_dict("resnet18", tensors, untrained_head=True)
+    kernel = new["params"]["head"]["fc"]["kernel"]
+    assert kernel.shape == kept["params"]["head"]["fc"]["kernel"].shape == (512, 1000)
+    assert not np.allclose(kernel, kept["params"]["head"]["fc"]["kernel"])
+    assert weights.WEIGHTS["vgg16"]["IMAGENET1K_FEATURES"].num_classes is None
+
+
 # ------------------------------------------------------------------ user mistakes
 
 

@@ -22,7 +22,9 @@ from cnnjax.models.common import torch_padding
 
 class ResNet(nn.Module):
     """ResNet v1.5 for ImageNet-size inputs; ``small_input=True`` swaps the 7x7/2 stem and its
-    max-pool for a 3x3/1 stem so 28-32 px images keep their resolution.
+    max-pool for a 3x3/1 stem so 28-32 px images keep their resolution. Every conv and pool
+    pads symmetrically as torch does, so torchvision's weights give torchvision's outputs
+    (``cnnjax.pretrained``).
 
     Attributes:
       stage_sizes: blocks per stage.
