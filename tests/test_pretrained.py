@@ -183,7 +183,7 @@ def test_safetensors_round_trip(tmp_path, resnet18):
     tensors = {k: v.numpy() for k, v in tmodel.state_dict().items()}
     safetensors.numpy.save_file(tensors, tmp_path / "r.safetensors")
     _, from_pth = pretrained.load("resnet18", path)
-    _, from_st = pretrained.load("resnet18", str(tmp_path / "r.safetensors"))
+    _, from_st = pretrained.load("resnet18", tmp_path / "r.safetensors")  # a Path works too
     assert_same_variables(from_st, from_pth)
 
 
@@ -323,6 +323,7 @@ def test_shape_mismatch_names_the_variable(tmp_path, resnet18):
     [
         (b"", "is empty"),
         (b"PK\x03\x04 not really a zip", "truncated or not a torch file"),
+        (b"garbage", "not a torch file"),
     ],
 )
 def test_broken_files_are_one_line_errors(tmp_path, content, message):
@@ -337,6 +338,9 @@ def test_a_file_that_is_not_a_state_dict(tmp_path):
     torch.save([torch.ones(2)], tmp_path / "list.pth")
     with pytest.raises(hub.WeightsFileError, match="no state_dict"):
         hub.read_state_dict(tmp_path / "list.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    with pytest.raises(hub.WeightsFileError, match=r"pickled torch\.nn\.modules\.linear\.Linear"):
+        hub.read_state_dict(tmp_path / "module.pth")
     torch.save({"epoch": 3}, tmp_path / "ckpt.pth")
     with pytest.raises(hub.WeightsFileError, match="'epoch' is a int, not a tensor"):
         hub.read_state_dict(tmp_path / "ckpt.pth")

@@ -7,6 +7,7 @@ same images (NCHW there), up to float32 rounding. Inputs are preprocessed as tor
 transforms do (``weights.WEIGHTS[name][tag]`` holds the sizes, mean and std).
 """
 
+import os
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -57,7 +58,7 @@ MODEL_DEFAULTS: dict[str, dict] = {"googlenet": {"transform_input": True}}
 
 def load(
     name: str,
-    source: str = "DEFAULT",
+    source: str | os.PathLike = "DEFAULT",
     num_classes: int | None = None,
     seed: int = 0,
     **model_kwargs,
@@ -72,7 +73,8 @@ def load(
       num_classes: classifier outputs; None keeps the file's (1000 for ImageNet). Any other
         count gets a freshly initialised head (logged) and everything else loaded.
       seed: PRNG seed of a new head.
-      **model_kwargs: further ``cnnjax.models.get`` arguments (e.g. ``dtype``).
+      **model_kwargs: further ``cnnjax.models.get`` arguments (e.g. ``dtype``); GoogLeNet
+        defaults to ``transform_input=True``, as torchvision builds it for its weights.
 
     Returns:
       ``(model, {"params": ..., "batch_stats": ...})`` of numpy arrays.

@@ -48,7 +48,7 @@ def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
 
 
-def locate(name: str, source: str) -> tuple[str, weights_table.Weights | None]:
+def locate(name: str, source: str | os.PathLike) -> tuple[str, weights_table.Weights | None]:
     """``(url or local path, the table's entry or None)`` for zoo model ``name``.
 
     Args:
@@ -59,6 +59,7 @@ def locate(name: str, source: str) -> tuple[str, weights_table.Weights | None]:
       UnknownNameError: a tag torchvision does not publish for ``name``.
       WeightsFileError: a local path that does not exist or has another suffix.
     """
+    source = os.fspath(source)
     if is_url(source):
         return source, None
     if source == "DEFAULT" or re.fullmatch(r"[A-Z0-9_]+", source):
@@ -159,9 +160,13 @@ def _read_torch(path: Path):
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         # weights_only refuses to unpickle anything but tensors and plain containers.
-        raise WeightsFileError(
-            f"{path} holds more than tensors (a pickled model?); save model.state_dict() instead"
-        ) from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise WeightsFileError(
+                f"{path} holds a pickled {found.group(1)}, not only tensors; save "
+                "model.state_dict() instead"
+            ) from e
+        raise WeightsFileError(f"{path} is not a torch file (unreadable pickle)") from e
     except (EOFError, RuntimeError, OSError, ValueError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsFileError(f"{path} is truncated or not a torch file ({first_line})") from e
