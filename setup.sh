@@ -7,6 +7,13 @@ cd "$(dirname "$0")"
 extras=""
 if [ "${1:-}" = "test" ]; then extras="[test]"; fi
 python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+if [ "${1:-}" = "test" ]; then
+  # tests/test_pretrained.py compares with torchvision's models (CPU torch).
+  python -m pip install --quiet "torch==2.13.0" safetensors
+  # The index has torchvision only as CUDA builds, whose dependencies would pull a CUDA torch;
+  # --no-deps keeps the CPU torch (tests/torchvision_models.py imports it without its ops).
+  python -m pip install --quiet --no-deps "torchvision==0.28.0"
+fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } ||

@@ -112,8 +112,11 @@ class ResidualBlock(nn.Module):
         """x: (N, H, W, C) -> (N, H/strides, W/strides, features)."""
         conv = partial(ConvBN, norm=self.norm, dtype=self.dtype)
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = conv(self.features, strides=(self.strides,) * 2, act=self.act, name="conv_bn1")(x)
-        y = conv(self.features, act=None, scale_init=last_scale, name="conv_bn2")(y)
+        # Torch's symmetric padding: Flax's "SAME" would pad a stride-2 conv bottom/right only.
+        y = conv(
+            self.features, strides=(self.strides,) * 2, padding=1, act=self.act, name="conv_bn1"
+        )(x)
+        y = conv(self.features, padding=1, act=None, scale_init=last_scale, name="conv_bn2")(y)
         return self.act(y + shortcut(self, x, self.features, self.strides))
 
 
@@ -142,7 +145,8 @@ class BottleneckBlock(nn.Module):
         out = self.features * self.expansion
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = conv(width, (1, 1), act=self.act, name="conv_bn1")(x)
-        y = conv(width, strides=(self.strides,) * 2, act=self.act, name="conv_bn2")(y)
+        # Torch's symmetric padding: Flax's "SAME" would pad a stride-2 conv bottom/right only.
+        y = conv(width, strides=(self.strides,) * 2, padding=1, act=self.act, name="conv_bn2")(y)
         y = conv(out, (1, 1), act=None, scale_init=last_scale, name="conv_bn3")(y)
         return self.act(y + shortcut(self, x, out, self.strides))
 
@@ -159,6 +163,7 @@ def shortcut(block: nn.Module, x, features: int, strides: int):
         features,
         (1, 1),
         (strides, strides),
+        padding=0,
         norm=block.norm,
         act=None,
         dtype=block.dtype,
@@ -196,7 +201,7 @@ class MaxPool(nn.Module):
 
     window: int = 2
     strides: int | None = None
-    padding: str = "VALID"
+    padding: Any = "VALID"  # "VALID", "SAME" or explicit ((lo, hi), (lo, hi)) pairs
 
     def __call__(self, x):
         s = self.strides or self.window

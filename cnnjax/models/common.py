@@ -73,6 +73,20 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return new + divisor if new < 0.9 * value else new
 
 
+def torch_padding(kernel_size: int | Sequence[int], stride: int = 1, dilation: int = 1):
+    """Torch's symmetric ``padding = dilation * (k - 1) // 2`` on both sides, as Flax explicit
+    ``((p, p), (p, p))`` pairs (for odd kernels).
+
+    Flax's ``"SAME"`` equals it at stride 1 but pads a stride-2 layer unevenly (all of the
+    padding at the bottom/right when the size is even), which shifts every window by one pixel
+    against torch: weights trained in torch need the torch padding. ``stride`` is accepted so a
+    call names the layer it pads; the padding does not depend on it.
+    """
+    del stride
+    ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    return tuple((dilation * (k - 1) // 2,) * 2 for k in ks)
+
+
 def ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
     """(low, high) padding that makes a VALID pool behave like torch's ``ceil_mode=True``: the
     output is ``ceil((size - window) / stride) + 1``, minus the last window if it would start

@@ -9,12 +9,16 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool
 from cnnjax.models import register
-from cnnjax.models.common import drop_path
+from cnnjax.models.common import drop_path, torch_padding
 
 
 def layer_norm(dtype) -> Any:
-    """LayerNorm over channels (torchvision's ``LayerNorm2d`` on NHWC is a plain LayerNorm)."""
-    return partial(nn.LayerNorm, epsilon=1e-6, dtype=dtype)
+    """LayerNorm over channels (torchvision's ``LayerNorm2d`` on NHWC is a plain LayerNorm), with
+    torchvision's epsilon 1e-6. The variance is torch's two-pass ``mean((x - mean)^2)``: Flax's
+    default one-pass ``mean(x^2) - mean^2`` loses float32 digits to cancellation wherever a
+    position's channel mean is large next to their spread, which an epsilon this small does not
+    mask."""
+    return partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False, dtype=dtype)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -29,7 +33,8 @@ class ConvNeXtBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         """x: (N, H, W, C) -> (N, H, W, C)."""
         c = x.shape[-1]
-        y = ConvBN(c, (7, 7), padding=3, groups=c, act=None, dtype=self.dtype, name="dwconv")(x)
+        pad = torch_padding(7)
+        y = ConvBN(c, (7, 7), padding=pad, groups=c, act=None, dtype=self.dtype, name="dwconv")(x)
         y = layer_norm(self.dtype)(name="ln")(y)
         y = nn.gelu(nn.Dense(4 * c, dtype=self.dtype, name="fc1")(y), approximate=False)
         y = nn.Dense(c, dtype=self.dtype, name="fc2")(y)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import drop_path, make_divisible
+from cnnjax.models.common import drop_path, make_divisible, torch_padding
 
 # (expansion, kernel, first stride, out channels, repeats) per stage, B0 before scaling.
 MBCONV_STAGES = (
@@ -62,7 +62,8 @@ class MBConv(nn.Module):
         if hidden != cin:
             y = conv(hidden, (1, 1), name="expand")(y)
         k, s = (self.kernel,) * 2, (self.strides,) * 2
-        y = conv(hidden, k, s, self.kernel // 2, groups=hidden, name="depthwise")(y)
+        pad = torch_padding(self.kernel, self.strides)
+        y = conv(hidden, k, s, pad, groups=hidden, name="depthwise")(y)
         y = SqueezeExcite(max(1, cin // 4), self.dtype, name="se")(y)
         y = conv(self.features, (1, 1), act=None, name="project")(y)
         if self.strides == 1 and cin == self.features:
@@ -73,9 +74,9 @@ class MBConv(nn.Module):
 
 class EfficientNet(nn.Module):
     """torchvision EfficientNet: 3x3/2 stem (SiLU), MBConv stages, 1x1 conv to 4x the last
-    width, global average pool, dropout and a dense head. BatchNorm eps is 1e-3; stochastic
-    depth grows linearly with the block index, ``rate * i / num_blocks``, as in torchvision.
-    B0 has 5,288,548 parameters at 1000 classes.
+    width, global average pool, dropout and a dense head. Stochastic depth grows linearly with
+    the block index, ``rate * i / num_blocks``, as in torchvision. B0 has 5,288,548 parameters
+    at 1000 classes.
 
     ``small_input=True`` (28-32 px images) makes the stem stride 1.
 
@@ -85,6 +86,8 @@ class EfficientNet(nn.Module):
       stages: the stage table (``MBCONV_STAGES``).
       stochastic_depth: drop-path rate of the last block.
       dropout: rate before the classifier.
+      bn_epsilon: BatchNorm epsilon; torchvision's B0-B4 use BatchNorm2d's default 1e-5 (only
+        B5-B7 and the V2 family use 1e-3), and pretrained weights only reproduce with theirs.
     """
 
     num_classes: int = 1000
@@ -94,16 +97,18 @@ class EfficientNet(nn.Module):
     stochastic_depth: float = 0.2
     dropout: float = 0.2
     small_input: bool = False
+    bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         """x: (N, H, W, C) -> logits (N, num_classes)."""
-        norm = batch_norm(train, self.dtype, epsilon=1e-3)
+        norm = batch_norm(train, self.dtype, epsilon=self.bn_epsilon)
         conv = partial(ConvBN, norm=norm, act=nn.silu, dtype=self.dtype)
         width = lambda c: make_divisible(c * self.width_mult)
         stem_strides = (1, 1) if self.small_input else (2, 2)
-        x = conv(width(32), (3, 3), stem_strides, 1, name="stem")(x.astype(self.dtype))
+        pad = torch_padding(3, stem_strides[0])
+        x = conv(width(32), (3, 3), stem_strides, pad, name="stem")(x.astype(self.dtype))
         repeats = [math.ceil(n * self.depth_mult) for *_, n in self.stages]
         index = 0
         for i, ((t, k, s, c, _), n) in enumerate(zip(self.stages, repeats, strict=True), 1):

@@ -54,8 +54,8 @@ class Inception(nn.Module):
 
 
 class GoogLeNet(nn.Module):
-    """torchvision GoogLeNet (``aux_logits=False``, ``transform_input=False``): 6,624,904
-    parameters at 1000 classes. The stride-2 max-pools use torch's ``ceil_mode=True``.
+    """torchvision GoogLeNet (``aux_logits=False``): 6,624,904 parameters at 1000 classes. The
+    stride-2 max-pools use torch's ``ceil_mode=True``.
 
     ``small_input=True`` (28-32 px images) replaces the 7x7/2 stem and its max-pool with a 3x3/1
     stem; the later pools bring 32 px to 4x4 before the last stage.
@@ -64,6 +64,9 @@ class GoogLeNet(nn.Module):
       inceptions: the module table (``INCEPTIONS``); narrow it for quick tests.
       stem_widths: channels of conv1, conv2 (1x1) and conv3 (3x3).
       dropout: rate before the classifier.
+      transform_input: re-normalise inputs from ImageNet's mean/std to mean 0.5, std 0.5 per
+        channel first, as torchvision does for its ImageNet weights (``IMAGENET1K_V1`` was
+        trained on inputs in that scale); ``cnnjax.pretrained.load`` sets it.
     """
 
     num_classes: int = 1000
@@ -71,6 +74,7 @@ class GoogLeNet(nn.Module):
     stem_widths: Sequence[int] = (64, 64, 192)
     dropout: float = 0.2
     small_input: bool = False
+    transform_input: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -78,6 +82,8 @@ class GoogLeNet(nn.Module):
         """x: (N, H, W, C) -> logits (N, num_classes)."""
         norm = batch_norm(train, self.dtype, epsilon=1e-3)
         conv = partial(ConvBN, norm=norm, dtype=self.dtype)
+        if self.transform_input:
+            x = _imagenet_to_half_scale(x)
         x = x.astype(self.dtype)
         w1, w2, w3 = self.stem_widths
         if self.small_input:
@@ -98,6 +104,17 @@ class GoogLeNet(nn.Module):
                 x = Inception(row[1:], norm, self.dtype, name=row[0])(x)
         x = GlobalAvgPool(name="pool")(x)
         return DenseHead(self.num_classes, self.dropout, self.dtype, name="head")(x, train)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _imagenet_to_half_scale(x):
+    """(N, H, W, 3) normalised with ImageNet's mean/std -> normalised with mean = std = 0.5:
+    ``x * std / 0.5 + (mean - 0.5) / 0.5`` per channel (torchvision's ``_transform_input``)."""
+    std, mean = jnp.asarray(IMAGENET_STD), jnp.asarray(IMAGENET_MEAN)
+    return x * (std / 0.5) + (mean - 0.5) / 0.5
 
 
 def _ceil_max_pool(x, window: int, name: str):

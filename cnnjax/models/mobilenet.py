@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import make_divisible
+from cnnjax.models.common import make_divisible, torch_padding
 
 # (expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2.
 INVERTED_RESIDUALS = (
@@ -45,7 +45,8 @@ class InvertedResidual(nn.Module):
         y = x
         if self.expansion != 1:
             y = conv(hidden, (1, 1), name="expand")(y)
-        y = conv(hidden, (3, 3), (self.strides,) * 2, 1, groups=hidden, name="depthwise")(y)
+        s, pad = (self.strides,) * 2, torch_padding(3, self.strides)
+        y = conv(hidden, (3, 3), s, pad, groups=hidden, name="depthwise")(y)
         y = conv(self.features, (1, 1), act=None, name="project")(y)
         if self.strides == 1 and x.shape[-1] == self.features:
             y = y + x
@@ -77,8 +78,9 @@ class MobileNetV2(nn.Module):
         norm = batch_norm(train, self.dtype)
         conv = partial(ConvBN, norm=norm, act=relu6, dtype=self.dtype)
         stem_strides = (1, 1) if self.small_input else (2, 2)
+        stem = make_divisible(32 * self.width_mult)
         x = x.astype(self.dtype)
-        x = conv(make_divisible(32 * self.width_mult), (3, 3), stem_strides, 1, name="stem")(x)
+        x = conv(stem, (3, 3), stem_strides, torch_padding(3, stem_strides[0]), name="stem")(x)
         for i, (t, c, n, s) in enumerate(self.settings, start=1):
             features = make_divisible(c * self.width_mult)
             for j in range(n):

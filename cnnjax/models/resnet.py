@@ -17,11 +17,14 @@ from cnnjax.layers import (
     batch_norm,
 )
 from cnnjax.models import register
+from cnnjax.models.common import torch_padding
 
 
 class ResNet(nn.Module):
     """ResNet v1.5 for ImageNet-size inputs; ``small_input=True`` swaps the 7x7/2 stem and its
-    max-pool for a 3x3/1 stem so 28-32 px images keep their resolution.
+    max-pool for a 3x3/1 stem so 28-32 px images keep their resolution. Every conv and pool
+    pads symmetrically as torch does, so torchvision's weights give torchvision's outputs
+    (``cnnjax.pretrained``).
 
     Attributes:
       stage_sizes: blocks per stage.
@@ -49,8 +52,10 @@ class ResNet(nn.Module):
         if self.small_input:
             x = ConvBN(self.width, (3, 3), norm=norm, dtype=self.dtype, name="stem")(x)
         else:
-            x = ConvBN(self.width, (7, 7), (2, 2), norm=norm, dtype=self.dtype, name="stem")(x)
-            x = MaxPool(3, 2, "SAME", name="stem_pool")(x)
+            # Torch's symmetric padding (Flax's "SAME" pads stride 2 bottom/right only).
+            stem = partial(ConvBN, self.width, (7, 7), (2, 2), torch_padding(7, 2), name="stem")
+            x = stem(norm=norm, dtype=self.dtype)(x)
+            x = MaxPool(3, 2, torch_padding(3, 2), name="stem_pool")(x)
         block = partial(
             self.block, norm=norm, zero_init_residual=self.zero_init_residual, dtype=self.dtype
         )

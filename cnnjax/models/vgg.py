@@ -22,8 +22,9 @@ STAGES = {
 class VGG(nn.Module):
     """torchvision VGG: 3x3 biased convs with ReLU (BatchNorm after the biased conv when
     ``batch_norm``, as torchvision does), 2x2 max-pools, an adaptive average pool to 7x7 and a
-    4096-4096 classifier with dropout after each hidden layer. Flattening is (H, W, C) order:
-    porting torchvision weights needs fc1's input rows permuted from (C, H, W).
+    4096-4096 classifier with dropout after each hidden layer. Flattening is (H, W, C) order,
+    NHWC's own: ``cnnjax.pretrained`` permutes fc1's input rows from torch's (C, H, W) when it
+    loads torchvision weights.
 
     ``small_input=True`` (28-32 px images) pools with SAME padding (ceil, so 28 px survives five
     halvings: 28-14-7-4-2-1), pools to 1x1 and narrows the classifier to 512 units, the usual
