@@ -17,7 +17,6 @@ import numpy as np
 from absl import logging
 
 from cnnjax import models
-from cnnjax.errors import unknown_name
 from cnnjax.layers import DenseHead
 from cnnjax.pretrained import (
     alexnet,
@@ -31,22 +30,26 @@ from cnnjax.pretrained import (
     vgg,
 )
 from cnnjax.pretrained.mapping import PretrainedMismatchError, StateDict, assemble
+from cnnjax.registry import Registry
 
 __all__ = ["FAMILIES", "PretrainedMismatchError", "from_state_dict", "load"]
 
 Converter = Callable[[StateDict], dict]
 
 # zoo name -> its converter; every name here loads torchvision weights.
-FAMILIES: dict[str, Converter] = {
-    **alexnet.CONVERTERS,
-    **vgg.CONVERTERS,
-    **resnet.CONVERTERS,
-    **googlenet.CONVERTERS,
-    **densenet.CONVERTERS,
-    **mobilenet.CONVERTERS,
-    **efficientnet.CONVERTERS,
-    **convnext.CONVERTERS,
-}
+FAMILIES: Registry[Converter] = Registry(
+    "model with torchvision weights",
+    {
+        **alexnet.CONVERTERS,
+        **vgg.CONVERTERS,
+        **resnet.CONVERTERS,
+        **googlenet.CONVERTERS,
+        **densenet.CONVERTERS,
+        **mobilenet.CONVERTERS,
+        **efficientnet.CONVERTERS,
+        **convnext.CONVERTERS,
+    },
+)
 
 # Where every zoo family keeps its classifier (a ``DenseHead`` named ``head``).
 HEAD = "params/head/fc"
@@ -85,8 +88,7 @@ def load(
       WeightsFileError: the file is corrupt or not a state_dict.
       PretrainedMismatchError: the file is for another model (names the first differing key).
     """
-    if name not in FAMILIES:
-        raise unknown_name("model with torchvision weights", name, FAMILIES)
+    FAMILIES.check(name)
     location, entry = hub.locate(name, source)
     path = hub.download(location) if hub.is_url(location) else location
     tensors = hub.read_state_dict(path)
@@ -112,8 +114,7 @@ def from_state_dict(
       untrained_head: the file's classifier is not trained: initialise a new one even at the
         file's class count.
     """
-    if name not in FAMILIES:
-        raise unknown_name("model with torchvision weights", name, FAMILIES)
+    FAMILIES.check(name)
     sd = StateDict(tensors, what or name)
     flat = FAMILIES[name](sd)
     file_classes = int(np.shape(flat[f"{HEAD}/bias"])[0])
