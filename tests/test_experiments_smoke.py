@@ -128,3 +128,25 @@ def test_first_crossing_and_verdict():
     report = tta.format_report(missing, 0.93, 60)
     assert "never reached" in report and "FAIL" in report
     assert "PASS" in tta.format_report(v, 0.93, 60)
+
+
+def test_accelerator_check_parts():
+    import accelerator_check as ac
+    import jax
+    import numpy as np
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ac.DEVICE_INDEPENDENT_TESTS:  # no TFDS: the accelerator image has none
+        text = (root / name).read_text()
+        assert "fmnist_data_dir" not in text and "tfds" not in text, name
+    split = ac.synthetic_split(jax.random.key(0), 64, (4, 4, 3), 10)
+    assert split["image"].dtype == np.uint8 and split["image"].shape == (64, 4, 4, 3)
+    # Each class has its own template: images of one class are closer to their class mean.
+    x = np.asarray(split["image"], np.float32).reshape(64, -1)
+    labels = np.asarray(split["label"])
+    means = np.stack([x[labels == c].mean(0) for c in np.unique(labels)])
+    nearest = np.unique(labels)[np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), 1)]
+    assert np.mean(nearest == labels) > 0.9
+    config = ac.fast_config(quick=True, epochs=1)
+    assert (config.dtype, config.model.name, config.num_epochs) == ("bfloat16", "fast_cnn", 1)
+    assert ac.parse_args(["all", "--quick"]).steps == 2
