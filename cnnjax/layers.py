@@ -13,7 +13,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.pooling import max_pool
+from cnnjax.pooling import (  # noqa: F401  (re-exported: the pooling layers live there)
+    AdaptiveAvgPool,
+    AvgPool,
+    GlobalAvgPool,
+    MaxPool,
+    max_pool,
+)
 
 ModuleDef = Any
 Dtype = Any
@@ -172,14 +178,6 @@ def shortcut(block: nn.Module, x, features: int, strides: int):
     return proj(x)
 
 
-class GlobalAvgPool(nn.Module):
-    """(N, H, W, C) -> (N, C): mean over the spatial axes, in float32 for a stable sum."""
-
-    @nn.compact
-    def __call__(self, x):
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
-
-
 class DenseHead(nn.Module):
     """Classifier head: optional dropout, then a dense layer to ``num_classes`` float32 logits."""
 
@@ -194,15 +192,3 @@ class DenseHead(nn.Module):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)
-
-
-class MaxPool(nn.Module):
-    """Max pooling as a module, so it shows up (and is named) in summaries and captured features."""
-
-    window: int = 2
-    strides: int | None = None
-    padding: Any = "VALID"  # "VALID", "SAME" or explicit ((lo, hi), (lo, hi)) pairs
-
-    def __call__(self, x):
-        s = self.strides or self.window
-        return max_pool(x, (self.window,) * 2, (s, s), self.padding)

@@ -1,4 +1,12 @@
-"""Pooling used by the models (the fast path; from-scratch versions live in ``cnnjax.ops``).
+"""Every pooling the models use, as functions and as named Linen modules (re-exported by
+``cnnjax.layers``); ``cnnjax.ops.pool`` is the from-scratch reference the tests hold them to.
+One keyword convention throughout, Flax's: ``window``, ``strides`` (default: the window),
+``padding`` ("VALID", "SAME" or explicit ``((lo, hi), (lo, hi))`` pairs).
+
+- ``max_pool`` / ``MaxPool`` (``ceil_mode=True``: torch's ceil-mode output size);
+- ``avg_pool`` / ``AvgPool``: the zero padding counts in the mean, as torch's default;
+- ``GlobalAvgPool``: mean over the spatial axes;
+- ``adaptive_avg_pool`` / ``AdaptiveAvgPool``: torch's ``AdaptiveAvgPool2d``.
 
 On XLA:CPU the gradient of ``nn.max_pool`` lowers to ``select_and_scatter``, a scalar loop that
 costs tens of milliseconds per step for a 28x28x32 batch of 128 (more than both convolutions).
@@ -8,12 +16,15 @@ backward an elementwise select. ``max_pool`` takes that path when it applies and
 ``nn.max_pool`` otherwise.
 """
 
+import math
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def max_pool(x, window=(2, 2), strides=None, padding="VALID"):
@@ -112,3 +123,106 @@ def _tiled_max_bwd(kh, kw, res, g):
 
 
 _tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
+
+
+class MaxPool(nn.Module):
+    """``max_pool`` as a module, so it shows up (and is named) in summaries and captured
+    features. ``ceil_mode`` pads the end with -inf so the output size is torch's
+    ``ceil_mode=True`` size (on top of ``padding``, which must then be explicit or VALID)."""
+
+    window: int = 2
+    strides: int | None = None
+    padding: Any = "VALID"
+    ceil_mode: bool = False
+
+    def __call__(self, x):
+        """x: (N, H, W, C) -> (N, H', W', C)."""
+        s = self.strides or self.window
+        padding = self.padding
+        if self.ceil_mode:
+            base = ((0, 0), (0, 0)) if padding == "VALID" else tuple(map(tuple, padding))
+            padding = tuple(
+                (lo, hi + ceil_pool_padding(n + lo + hi, self.window, s)[1])
+                for n, (lo, hi) in zip(x.shape[1:3], base, strict=True)
+            )
+        return max_pool(x, (self.window,) * 2, (s, s), padding)
+
+
+def avg_pool(x, window=(2, 2), strides=None, padding="VALID"):
+    """Average pooling over NHWC ``x`` (padded zeros count in the mean, as in torch's default
+    ``count_include_pad=True``); ``strides`` defaults to ``window``."""
+    window = tuple(window)
+    return nn.avg_pool(x, window, tuple(strides or window), padding, count_include_pad=True)
+
+
+class AvgPool(nn.Module):
+    """``avg_pool`` as a named module."""
+
+    window: int = 2
+    strides: int | None = None
+    padding: Any = "VALID"
+
+    def __call__(self, x):
+        """x: (N, H, W, C) -> (N, H', W', C)."""
+        s = self.strides or self.window
+        return avg_pool(x, (self.window,) * 2, (s, s), self.padding)
+
+
+class GlobalAvgPool(nn.Module):
+    """(N, H, W, C) -> (N, C): mean over the spatial axes, in float32 for a stable sum."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+def _adaptive_avg_pool_axis(x, axis: int, out: int):
+    """Torch's adaptive average pooling along one axis: window i spans
+    ``[floor(i * n / out), ceil((i + 1) * n / out))``."""
+    n = x.shape[axis]
+    if n == out:
+        return x
+    if n % out == 0:
+        shape = x.shape[:axis] + (out, n // out) + x.shape[axis + 1 :]
+        return jnp.mean(x.reshape(shape), axis=axis + 1)
+    windows = [
+        jnp.mean(
+            lax.slice_in_dim(x, i * n // out, math.ceil((i + 1) * n / out), axis=axis),
+            axis=axis,
+            keepdims=True,
+        )
+        for i in range(out)
+    ]
+    return jnp.concatenate(windows, axis=axis)
+
+
+def adaptive_avg_pool(x, output_size: int | Sequence[int]):
+    """``torch.nn.AdaptiveAvgPool2d`` for NHWC: (N, H, W, C) -> (N, oh, ow, C).
+
+    Works for any H, W (smaller than the output too: windows then overlap and repeat pixels, as
+    in torch). The mean is separable, so pooling rows then columns gives torch's windows exactly.
+    Averages in float32 and casts back.
+    """
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    y = _adaptive_avg_pool_axis(x.astype(jnp.float32), 1, oh)
+    return _adaptive_avg_pool_axis(y, 2, ow).astype(x.dtype)
+
+
+class AdaptiveAvgPool(nn.Module):
+    """``adaptive_avg_pool`` as a module, so it is named in summaries and captured features."""
+
+    output_size: int | Sequence[int] = 1
+
+    def __call__(self, x):
+        """x: (N, H, W, C) -> (N, oh, ow, C)."""
+        return adaptive_avg_pool(x, self.output_size)
+
+
+def ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
+    """(low, high) padding that makes a VALID pool behave like torch's ``ceil_mode=True``: the
+    output is ``ceil((size - window) / stride) + 1``, minus the last window if it would start
+    beyond the input."""
+    out = -(-(size - window) // stride) + 1
+    if (out - 1) * stride >= size:
+        out -= 1
+    return 0, max(0, (out - 1) * stride + window - size)

@@ -16,9 +16,10 @@ import pytest
 
 from cnnjax import models
 from cnnjax.layers import batch_norm
-from cnnjax.models.common import adaptive_avg_pool, ceil_pool_padding, drop_path
+from cnnjax.models.common import drop_path
 from cnnjax.models.convnext import ConvNeXtBlock
 from cnnjax.models.efficientnet import MBConv
+from cnnjax.pooling import adaptive_avg_pool, ceil_pool_padding
 
 # torchvision's counts at 224x224x3 and 1000 classes.
 IMAGENET_COUNTS = {

@@ -6,9 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, MaxPool
+from cnnjax.layers import AdaptiveAvgPool, ConvBN, DenseHead, MaxPool
 from cnnjax.models import register
-from cnnjax.models.common import AdaptiveAvgPool
 
 
 class AlexNet(nn.Module):

@@ -1,58 +1,11 @@
-"""Small helpers shared by the zoo's families (not models; nothing here registers).
+"""Small helpers shared by the zoo's families (not models; nothing here registers). Pooling,
+adaptive and ceil-mode included, lives in ``cnnjax.pooling``."""
 
-Candidates for ``cnnjax.layers`` / ``cnnjax.pooling`` once the lead integrates them.
-"""
-
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
-from jax import lax
 
 from cnnjax.layers import conv_kernel_init
-
-
-def _adaptive_avg_pool_axis(x, axis: int, out: int):
-    """Torch's adaptive average pooling along one axis: window i spans
-    ``[floor(i * n / out), ceil((i + 1) * n / out))``."""
-    n = x.shape[axis]
-    if n == out:
-        return x
-    if n % out == 0:
-        shape = x.shape[:axis] + (out, n // out) + x.shape[axis + 1 :]
-        return jnp.mean(x.reshape(shape), axis=axis + 1)
-    windows = [
-        jnp.mean(
-            lax.slice_in_dim(x, i * n // out, math.ceil((i + 1) * n / out), axis=axis),
-            axis=axis,
-            keepdims=True,
-        )
-        for i in range(out)
-    ]
-    return jnp.concatenate(windows, axis=axis)
-
-
-def adaptive_avg_pool(x, output_size: int | Sequence[int]):
-    """``torch.nn.AdaptiveAvgPool2d`` for NHWC: (N, H, W, C) -> (N, oh, ow, C).
-
-    Works for any H, W (smaller than the output too: windows then overlap and repeat pixels, as
-    in torch). The mean is separable, so pooling rows then columns gives torch's windows exactly.
-    Averages in float32 and casts back.
-    """
-    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
-    y = _adaptive_avg_pool_axis(x.astype(jnp.float32), 1, oh)
-    return _adaptive_avg_pool_axis(y, 2, ow).astype(x.dtype)
-
-
-class AdaptiveAvgPool(nn.Module):
-    """``adaptive_avg_pool`` as a module, so it is named in summaries and captured features."""
-
-    output_size: int | Sequence[int] = 1
-
-    def __call__(self, x):
-        """x: (N, H, W, C) -> (N, oh, ow, C)."""
-        return adaptive_avg_pool(x, self.output_size)
 
 
 def drop_path(rate: float, name: str | None = None) -> nn.Dropout:
@@ -85,16 +38,6 @@ def torch_padding(kernel_size: int | Sequence[int], stride: int = 1, dilation: i
     del stride
     ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     return tuple((dilation * (k - 1) // 2,) * 2 for k in ks)
-
-
-def ceil_pool_padding(size: int, window: int, stride: int) -> tuple[int, int]:
-    """(low, high) padding that makes a VALID pool behave like torch's ``ceil_mode=True``: the
-    output is ``ceil((size - window) / stride) + 1``, minus the last window if it would start
-    beyond the input."""
-    out = -(-(size - window) // stride) + 1
-    if (out - 1) * stride >= size:
-        out -= 1
-    return 0, max(0, (out - 1) * stride + window - size)
 
 
 def bare_conv(features: int, kernel_size: Sequence[int], dtype, name: str, strides=(1, 1)):

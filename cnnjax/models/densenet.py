@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
+from cnnjax.layers import AvgPool, ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 from cnnjax.models import register
 from cnnjax.models.common import bare_conv
 
@@ -46,7 +46,7 @@ class Transition(nn.Module):
         """x: (N, H, W, C) -> (N, H/2, W/2, features)."""
         x = nn.relu(self.norm(name="bn")(x))
         x = bare_conv(self.features, (1, 1), self.dtype, "conv")(x)
-        return nn.avg_pool(x, (2, 2), (2, 2))
+        return AvgPool(2, name="pool")(x)
 
 
 class DenseNet(nn.Module):

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import ceil_pool_padding
 
 # (name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj); None marks a 3x3/2 max-pool
 # (2x2/2 before stage 5), as in torchvision.
@@ -119,8 +118,7 @@ def _imagenet_to_half_scale(x):
 
 def _ceil_max_pool(x, window: int, name: str):
     """2-strided max-pool with torch's ``ceil_mode=True`` (extra -inf padding at the end)."""
-    pads = tuple(ceil_pool_padding(n, window, 2) for n in x.shape[1:3])
-    return MaxPool(window, 2, pads, name=name)(x)
+    return MaxPool(window, 2, ceil_mode=True, name=name)(x)
 
 
 @register

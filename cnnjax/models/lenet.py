@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead
+from cnnjax.layers import AvgPool, ConvBN, DenseHead
 from cnnjax.models import register
 
 
@@ -33,9 +33,9 @@ class LeNet5(nn.Module):
         padding = self.first_padding or ("SAME" if x.shape[1] < 32 else "VALID")
         x = x.astype(self.dtype)
         x = ConvBN(6, (5, 5), padding=padding, act=nn.tanh, dtype=self.dtype, name="conv1")(x)
-        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = AvgPool(2, name="pool1")(x)
         x = ConvBN(16, (5, 5), padding="VALID", act=nn.tanh, dtype=self.dtype, name="conv2")(x)
-        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = AvgPool(2, name="pool2")(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.tanh(nn.Dense(120, dtype=self.dtype, name="fc1")(x))
         x = nn.tanh(nn.Dense(84, dtype=self.dtype, name="fc2")(x))

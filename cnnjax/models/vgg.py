@@ -6,9 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, MaxPool, batch_norm
+from cnnjax.layers import AdaptiveAvgPool, ConvBN, DenseHead, MaxPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import AdaptiveAvgPool
 
 # Conv widths per stage (each stage ends in a 2x2 max-pool): torchvision's configs A, B, D, E.
 STAGES = {
