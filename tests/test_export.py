@@ -1,7 +1,7 @@
 """Export for serving: both artifacts reloaded in a fresh process answer as the predictor does,
 for several batch sizes (the batch is symbolic), with the run's EMA weights and flip TTA; the
 metadata; replacing an export; one-line errors. One tiny run (EMA and flip TTA on) is trained
-and exported (through the command line) once for the module."""
+and exported once for the module."""
 
 import json
 import os
@@ -87,6 +87,7 @@ def workdir(fmnist_data_dir, tmp_path_factory):
 
     config = configs.get("tiny")
     config.data.data_dir = fmnist_data_dir
+    config.num_epochs = 1  # 16 steps: the EMA (decay warmup to 0.9) still lags the params
     config.ema_decay = 0.9
     config.flip_tta = True
     workdir = tmp_path_factory.mktemp("tiny_ema_tta")
@@ -96,11 +97,9 @@ def workdir(fmnist_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def out(workdir, tmp_path_factory):
-    """The run exported by ``python -m cnnjax.export``."""
+    """The run exported in this process (the command line is tested below)."""
     out = tmp_path_factory.mktemp("exports") / "tiny"
-    result = run_python("-m", "cnnjax.export", f"--workdir={workdir}", f"--out={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert str(out / export.STABLEHLO_FILE) in result.stdout
+    export.export_run(workdir, out)
     return out
 
 
@@ -273,3 +272,37 @@ def test_cli_out_that_is_a_file_is_one_line(workdir, tmp_path):
         "-m", "cnnjax.export", f"--workdir={workdir}", f"--out={tmp_path}/model.bin"
     )
     assert_one_line_error(result, "model.bin is a file; give a directory")
+
+
+@pytest.mark.slow
+def test_cli_exports(workdir, tmp_path):
+    out = tmp_path / "cpu_only"
+    args = ["--platforms=cpu", "--nosaved_model"]
+    result = run_python("-m", "cnnjax.export", f"--workdir={workdir}", f"--out={out}", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = checkpoint.load_run(workdir)
+    assert result.stdout.splitlines() == [
+        f"exported step {run.step}: uint8 (N, 28x28x1) -> 10 class probabilities, for cpu",
+        f"  {out / export.STABLEHLO_FILE}",
+        f"  {out / export.METADATA_FILE}",
+    ]
+    assert export.load(out).platforms == ("cpu",)
+
+
+@pytest.mark.slow
+def test_saved_model_converts_to_tflite(out, workdir, images):
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(out / export.SAVED_MODEL_DIR))
+    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    (image_input,), (output,) = interpreter.get_input_details(), interpreter.get_output_details()
+    batch = images[:3]
+    interpreter.resize_tensor_input(image_input["index"], batch.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(image_input["index"], batch)
+    interpreter.invoke()
+    got = interpreter.get_tensor(output["index"])
+    # TFLite's own float32 kernels: the same sums in another order, so ATOL's derivation holds.
+    expected = prediction.load_predictor(workdir).predict(batch)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    print(f"tflite: max |probability difference| {np.abs(got - expected).max()}")
