@@ -306,3 +306,42 @@ def test_saved_model_converts_to_tflite(out, workdir, images):
     expected = prediction.load_predictor(workdir).predict(batch)
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
     print(f"tflite: max |probability difference| {np.abs(got - expected).max()}")
+
+
+@pytest.mark.slow
+def test_export_model_with_batch_norm_and_rgb_normalisation(tmp_path):
+    """export_model on its own, as for pretrained weights: BatchNorm statistics (random, so that
+    eval-mode BatchNorm is not the identity it is at init) and torchvision's RGB mean/std."""
+    import tensorflow as tf
+
+    from cnnjax import models
+    from cnnjax.train_state import TrainState, init_variables
+
+    model, shape = models.get("torch_small_cnn", num_classes=5), (16, 16, 3)
+    variables = init_variables(model, jax.random.key(0), shape)
+    rng = np.random.default_rng(0)
+
+    def random_stat(path, x):
+        is_var = path[-1].key == "var"
+        return rng.uniform(0.5, 2.0, x.shape) if is_var else rng.normal(0, 0.5, x.shape)
+
+    stats = jax.tree_util.tree_map_with_path(random_stat, variables["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = tmp_path / "bn"
+    export.export_model(model, variables, shape, mean, std, list("abcde"), out, platforms=("cpu",))
+    images = rng.integers(0, 256, (3, *shape), dtype=np.uint8)
+    state = TrainState(step=0, apply_fn=model.apply, tx=None, opt_state=None, **variables)
+    expected = prediction.probabilities(state, images, jnp.asarray(mean), jnp.asarray(std))
+    serve = tf.saved_model.load(str(out / export.SAVED_MODEL_DIR)).signatures["serving_default"]
+    got = {
+        "stablehlo": export.load(out)(images),
+        "saved_model": serve(images=tf.constant(images))["probabilities"].numpy(),
+    }
+    for name, probs in got.items():
+        np.testing.assert_allclose(probs, np.asarray(expected), rtol=0, atol=ATOL, err_msg=name)
+    init_stats = state.replace(
+        batch_stats=init_variables(model, jax.random.key(0), shape)["batch_stats"]
+    )
+    unused = prediction.probabilities(init_stats, images, jnp.asarray(mean), jnp.asarray(std))
+    assert np.abs(got["stablehlo"] - np.asarray(unused)).max() > 1e-2  # the statistics matter

@@ -5,11 +5,12 @@ line); ``export_model`` exports any Linen model with its variables and normalisa
 what ``export_run`` calls. ``OUT`` then holds:
 
 - ``model.stablehlo``: a ``jax.export`` artifact (serialized StableHLO, the weights inside as
-  constants) of the eval-mode forward pass, with a symbolic batch dimension, lowered for every
-  platform in ``PLATFORMS``. ``load(out)`` turns it back into a callable.
+  constants, so the file is about the size of the weights) of the eval-mode forward pass, with
+  a symbolic batch dimension, lowered for every platform in ``PLATFORMS``. ``load(out)`` turns
+  it back into a callable.
 - ``saved_model/``: a TensorFlow SavedModel of the same function (signature
   ``serving_default``: ``images`` uint8 [None, H, W, C] -> ``probabilities`` float32 [None, K]),
-  for TF Serving and TFLite.
+  for TF Serving, and convertible by ``tf.lite.TFLiteConverter.from_saved_model``.
 - ``export.json``: input and output, class names, normalisation, platforms, the jax, jaxlib and
   TensorFlow versions, the checkpoint step and the compatibility window.
 
@@ -150,6 +151,8 @@ def export_model(
     if num_classes != len(class_names):
         raise ConfigError(f"the model has {num_classes} outputs but {len(class_names)} class names")
     meta = _metadata(shape, class_names, mean, std, dtype, flip_tta, platforms, source, exported)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to ``out`` and renamed into place: a failed export leaves the old one whole.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / STABLEHLO_FILE).write_bytes(exported.serialize())
@@ -168,8 +171,8 @@ def export_model(
 
 
 def check_out(out) -> Path:
-    """``out`` as a Path whose parent exists, after checking it is not a file nor a directory
-    holding something other than an export (which would be overwritten).
+    """``out`` as an absolute Path, after checking it is neither a file nor a directory holding
+    something other than an export (which would be overwritten).
 
     Raises:
       ExportError: it is.
@@ -182,7 +185,6 @@ def check_out(out) -> Path:
             f"--out {out} is a non-empty directory without {METADATA_FILE}; export into a new "
             "directory (an earlier export is replaced, anything else is left alone)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -295,8 +297,9 @@ def describe(out, meta: dict) -> str:
     """A few lines saying what an export holds (printed by ``python -m cnnjax.export``)."""
     out = Path(out)
     shape = "x".join(map(str, meta["input"]["shape"][1:]))
+    step = "" if meta["step"] is None else f" step {meta['step']}"
     lines = [
-        f"exported step {meta['step']}: uint8 (N, {shape}) -> {len(meta['class_names'])} "
+        f"exported{step}: uint8 (N, {shape}) -> {len(meta['class_names'])} "
         f"class probabilities, for {', '.join(meta['platforms'])}",
         *(f"  {out / name}" for name in meta["artifacts"].values()),
         f"  {out / METADATA_FILE}",
@@ -364,12 +367,12 @@ def load(out) -> ExportedModel:
     try:
         meta = json.loads(meta_path.read_text())
         artifact = out / meta["artifacts"]["stablehlo"]
+        expected = tuple(meta["input"]["shape"][1:])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportError(f"{meta_path} is unreadable ({type(e).__name__}: {e})") from None
     if not artifact.is_file():
         raise ExportError(f"{artifact} is missing; export again with python -m cnnjax.export")
     exported = _deserialize(artifact)
-    expected = tuple(meta["input"]["shape"][1:])
     if tuple(exported.in_avals[0].shape[1:]) != expected:
         raise ExportError(f"{artifact} takes {exported.in_avals[0].shape}, not {expected} images")
     return ExportedModel(exported, meta)
