@@ -69,7 +69,10 @@ def predict_logits(state, images, *, flip_tta: bool = False):
     variables = {"params": state.eval_params(), "batch_stats": state.batch_stats}
     logits = state.apply_fn(variables, images, train=False)
     if flip_tta:
-        logits = (logits + state.apply_fn(variables, images[:, :, ::-1], train=False)) / 2
+        # jnp.flip lowers to one reverse; images[:, :, ::-1] also emits a gather, which becomes
+        # a dynamic gather under an exported symbolic batch and which TFLite cannot convert.
+        mirrored = jnp.flip(images, axis=2)
+        logits = (logits + state.apply_fn(variables, mirrored, train=False)) / 2
     return logits
 
 
