@@ -75,17 +75,24 @@ def create_optimizer(config, steps_per_epoch: int):
     gradient clipping, and for transfer learning a ``multi_transform`` that gives parameters
     matching ``config.freeze`` zero updates and those matching ``config.finetune`` the learning
     rate times ``config.finetune_lr_factor``."""
-    tx, schedule = _base_optimizer(config, steps_per_epoch)
     if not (config.freeze or config.finetune):
-        return tx, schedule
+        return _base_optimizer(config, steps_per_epoch)
+    # Clipping sees the global norm of every trained gradient, before the groups split (inside
+    # each group it would clip each group to the norm on its own).
+    tx, schedule = _base_optimizer(config, steps_per_epoch, clip=False)
     slow = config.copy_and_resolve_references()
     slow.learning_rate = config.learning_rate * config.finetune_lr_factor
     transforms = {
         "train": tx,
-        "finetune": _base_optimizer(slow, steps_per_epoch)[0],
+        "finetune": _base_optimizer(slow, steps_per_epoch, clip=False)[0],
         "frozen": optax.set_to_zero(),
     }
-    return optax.multi_transform(transforms, partial(param_labels, config)), schedule
+    grouped = optax.multi_transform(transforms, partial(param_labels, config))
+    if not config.grad_clip_norm:
+        return grouped, schedule
+    trained = lambda params: jax.tree.map(lambda g: g != "frozen", param_labels(config, params))
+    clip = optax.masked(optax.clip_by_global_norm(config.grad_clip_norm), trained)
+    return optax.chain(clip, grouped), schedule
 
 
 def frozen_pattern(config) -> str:
@@ -130,10 +137,10 @@ def create_plateau(config):
     )
 
 
-def _base_optimizer(config, steps_per_epoch: int):
+def _base_optimizer(config, steps_per_epoch: int, clip: bool = True):
     schedule = create_schedule(config, steps_per_epoch)
     parts = []
-    if config.grad_clip_norm:
+    if clip and config.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if config.weight_decay and config.optimizer not in _DECOUPLED:
         parts.append(optax.add_decayed_weights(config.weight_decay, decay_mask))
