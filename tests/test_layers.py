@@ -1,5 +1,6 @@
 """Layers: shapes, closed-form outputs, BatchNorm train/eval semantics, residual shortcuts."""
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ def test_batchnorm_updates_stats_in_train_and_freezes_them_in_eval():
     y1 = net.apply(variables, x, train=False)
     y2 = net.apply(variables, x[:1], train=False)
     np.testing.assert_allclose(y1[:1], y2, rtol=1e-5, atol=1e-6)
-    with pytest.raises(Exception):  # noqa: B017 - flax raises a ModifyScopeVariableError
+    with pytest.raises(flax.errors.ModifyScopeVariableError, match="batch_stats"):
         net.apply(variables, x, train=True)  # train mode needs mutable batch_stats
 
 
