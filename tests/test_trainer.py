@@ -1,7 +1,6 @@
 """End to end on the tiny preset: outputs, resume, bit-identical restarts, evaluate, errors."""
 
 import json
-import math
 
 import jax
 import numpy as np
@@ -39,9 +38,9 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
     assert [x["epoch"] for x in lines] == [1, 2]
     assert set(lines[0]) >= LINE_KEYS and "test_accuracy" not in lines[0]
     assert {"test_loss", "test_accuracy"} <= set(lines[-1]) and lines[-1] == line
-    assert all(math.isfinite(v) for x in lines for v in x.values())
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
-    assert lines[-1]["test_accuracy"] > 0.5  # 2 tiny epochs on 512 images: far above chance
+    # 2 tiny epochs on 512 images: 0.6953 measured on seed 0; a floor 4.5 points (23 images) below.
+    assert lines[-1]["test_accuracy"] > 0.65
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"] == "simple_cnn" and saved["dataset"] == "fashion_mnist"
     assert json.loads((tmp_path / "dataset.json").read_text())["num_classes"] == 10
@@ -49,11 +48,12 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
     mngr = checkpoint.manager(tmp_path, read_only=True)
     assert mngr.all_steps() == [16, 32]  # 512 / 32 = 16 steps per epoch
 
-    # The same command again is a no-op; evaluate agrees with the trainer's last test line.
+    # The same command again is a no-op; evaluate agrees exactly with the trainer's last test
+    # line (the same jitted eval step on the same restored state).
     assert trainer.train_and_evaluate(tiny_config, tmp_path) == line
     result = evaluate_checkpoint(tmp_path, step=32, split="test")
-    assert result["test_accuracy"] == pytest.approx(line["test_accuracy"], abs=1e-6)
-    assert result["test_loss"] == pytest.approx(line["test_loss"], rel=1e-5)
+    assert result["test_accuracy"] == line["test_accuracy"]
+    assert result["test_loss"] == line["test_loss"]
     assert sum(map(sum, result["confusion"])) == 512
 
 
@@ -117,7 +117,8 @@ def test_streaming_path_trains_and_evaluates_every_example(tiny_config, tmp_path
     run = trainer.setup(config, tmp_path)
     assert not run.data.resident
     line = trainer.train_and_evaluate(config, tmp_path)
-    assert math.isfinite(line["train_loss"]) and line["test_accuracy"] > 0.3
+    # One epoch of 16 steps: 0.6816 measured on seed 0; a floor 5 points below.
+    assert line["test_accuracy"] > 0.63
     sums = trainer.eval_sums(run, restored_state(config, tmp_path, run), "test")
     assert float(sums["count"]) == 512  # the padded last batch is masked, nothing counted twice
 
@@ -138,4 +139,5 @@ def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
     config.model_kwargs = "{'widths': (4, 8, 8)}"
     config.num_epochs, config.batch_size, config.warmup_epochs = 1, 32, 0.5
     line = trainer.train_and_evaluate(config, tmp_path)
-    assert math.isfinite(line["train_loss"]) and 0 <= line["test_accuracy"] <= 1
+    # 8 steps of a 4-8-8 net: 0.2539 measured on seed 0, chance 0.1; a floor at twice chance.
+    assert line["test_accuracy"] > 0.2

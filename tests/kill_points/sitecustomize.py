@@ -5,21 +5,24 @@ With ``CNNJAX_PAUSE=PHASE:N``, a ``python -m cnnjax.train`` process stops at one
 the JSON file ``CNNJAX_PAUSE_MARKER`` and waits there to be SIGKILLed:
 
 - ``step:N``: the progress log of global step N (mid-epoch when N is not a multiple of the
-  steps per epoch), once the checkpoint of the previous epoch is committed, so the restart
-  resumes from it.
+  steps per epoch).
 - ``save:N``: the commit of checkpoint N, in Orbax's background thread: every file of it is
   written under a temporary name and not yet renamed, while the main thread trains on.
 - ``eval:N``: the N-th validation result of this process, before the epoch's metrics line, its
   test evaluation and its checkpoint.
 
-The hooks only wait: nothing is computed differently. Without ``CNNJAX_PAUSE`` nothing is
-patched.
+``step`` and ``eval`` first wait for the checkpoint saves in flight to be committed, so what the
+restart finds on disk does not depend on timing. The hooks only wait: nothing is computed
+differently. Without ``CNNJAX_PAUSE`` nothing is patched.
 """
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+_START = time.time()
 
 
 def _pause(what: str, **details) -> None:
@@ -32,9 +35,24 @@ def _pause(what: str, **details) -> None:
         time.sleep(60)
 
 
-def _committed_steps(workdir: Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+def _workdir() -> Path:
+    flag = "--workdir="
+    return Path(next(a for a in sys.argv if a.startswith(flag))[len(flag) :])
+
+
+def _committed_steps() -> list[int]:
+    """Once every checkpoint save of this process is committed (saves are asynchronous, so this
+    makes the state on disk at the pause deterministic), the steps on disk. A temporary
+    directory older than the process is the leftover of a killed one, not a save in flight."""
+    directory = _workdir() / "checkpoints"
+    while True:
+        paths = list(directory.iterdir())
+        in_flight = [
+            p for p in paths if ".orbax-checkpoint-tmp" in p.name and p.stat().st_mtime >= _START
+        ]
+        if paths and not in_flight:
+            return sorted(int(p.name) for p in paths if p.name.isdigit())
+        time.sleep(0.01)
 
 
 def _install(phase: str, n: int) -> None:
@@ -45,11 +63,7 @@ def _install(phase: str, n: int) -> None:
 
         def paused_scalars(self, step, values):
             if int(step) == n and "train_loss" in values and "eval_loss" not in values:
-                workdir = self.path.parent
-                # The previous epoch's checkpoint is saved asynchronously: wait for its commit.
-                while not _committed_steps(workdir):
-                    time.sleep(0.01)
-                _pause("step", step=n, committed=_committed_steps(workdir))
+                _pause("step", step=n, committed=_committed_steps())
             return scalars(self, step, values)
 
         metrics.Writer.scalars = paused_scalars
@@ -74,7 +88,7 @@ def _install(phase: str, n: int) -> None:
             if prefix == "eval":
                 calls.append(result)
                 if len(calls) == n:
-                    _pause("eval", call=n, **result)
+                    _pause("eval", call=n, committed=_committed_steps(), **result)
             return result
 
         metrics.means = paused_means
