@@ -20,6 +20,7 @@ def variant(config, **overrides):
     return c
 
 
+@pytest.mark.slow
 def test_plateau_lowers_lr_and_early_stopping_restores_the_best(tiny_config, tmp_path):
     config = variant(
         tiny_config,
@@ -46,8 +47,9 @@ def test_plateau_lowers_lr_and_early_stopping_restores_the_best(tiny_config, tmp
     # when to stop).
     best = trainer.evaluate_checkpoint(tmp_path, split="test")
     assert final["early_stopped"] and final["epoch"] == best["epoch"]
-    assert final["test_accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-6)
-    assert final["test_loss"] == pytest.approx(best["test_loss"], rel=1e-6)
+    # The same jitted eval step on the same restored state: exactly equal.
+    assert final["test_accuracy"] == best["test_accuracy"]
+    assert final["test_loss"] == best["test_loss"]
 
 
 def restored(config, workdir):
@@ -58,6 +60,7 @@ def restored(config, workdir):
     return jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_bfloat16_trains_like_float32(tiny_config, tmp_path):
     # A short real run: the default recipe for 100 steps on 12,800 images, tested on all 10,000
     # test images. Gradient clipping as the README advises for bf16 (without it, this warmup to
@@ -68,8 +71,9 @@ def test_bfloat16_trains_like_float32(tiny_config, tmp_path):
     short = variant(tiny_config, **recipe)
     f32 = trainer.train_and_evaluate(short, tmp_path / "f32")
     bf16 = trainer.train_and_evaluate(variant(short, dtype="bfloat16"), tmp_path / "bf16")
-    assert np.isfinite(bf16["train_loss"]) and np.isfinite(bf16["test_loss"])
-    assert f32["test_accuracy"] > 0.8  # a trained model, so the comparison means something
+    # A trained model, so the comparison means something: seed 0 measured 0.8446 (bf16 0.8448);
+    # a floor 2.5 points (250 test images) below.
+    assert f32["test_accuracy"] > 0.82
     assert abs(bf16["test_accuracy"] - f32["test_accuracy"]) <= 0.005  # within half a point
     state = restored(variant(short, dtype="bfloat16"), tmp_path / "bf16")
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))

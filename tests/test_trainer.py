@@ -32,6 +32,7 @@ def final_params(config, workdir):
     return jax.device_get(state.params), meta
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
     line = trainer.train_and_evaluate(tiny_config, tmp_path)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +58,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
     assert sum(map(sum, result["confusion"])) == 512
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_and_trains_only_remaining_epochs(tiny_config, tmp_path):
     straight = tmp_path / "straight"
     trainer.train_and_evaluate(tiny_config, straight)
@@ -75,6 +77,7 @@ def test_resume_is_bit_identical_and_trains_only_remaining_epochs(tiny_config, t
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_step_functions_compile_once(tiny_config, tmp_path):
     run = trainer.setup(tiny_config, tmp_path)
     model = trainer.build_model(tiny_config, 10)
@@ -96,6 +99,7 @@ def test_workdir_of_another_run_is_refused(tiny_config, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"] == "simple_cnn"
 
 
+@pytest.mark.slow
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
     good = tiny_config.copy_and_resolve_references()
     good.num_epochs = 1
@@ -110,6 +114,7 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_streaming_path_trains_and_evaluates_every_example(tiny_config, tmp_path):
     config = tiny_config.copy_and_resolve_references()
     config.num_epochs = 1
@@ -129,6 +134,7 @@ def restored_state(config, workdir, run):
     return trainer.restore(run, checkpoint.manager(workdir, read_only=True), model, tx)[0]
 
 
+@pytest.mark.slow
 def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
     # The preset's whole recipe (BatchNorm and dropout model, one-cycle SGD, EMA) at a tiny size.
     from cnnjax import configs
