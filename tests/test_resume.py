@@ -58,7 +58,9 @@ def train_cmd(data_dir, workdir) -> list[str]:
 
 def env(pause: str | None = None, marker: Path | None = None) -> dict:
     # One CPU device (the 4 fake devices of conftest only slow a subprocess down), this
-    # checkout's cnnjax rather than an installed one, and the pause hooks.
+    # checkout's cnnjax rather than an installed one, and the pause hooks. The compilation cache
+    # is the user's (cnnjax's default): with a fresh one each time the five processes spent
+    # over twice as long compiling.
     e = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     e["PYTHONPATH"] = os.pathsep.join([str(KILL_POINTS), str(REPO), e.get("PYTHONPATH", "")])
     e.pop("CNNJAX_PAUSE", None)
@@ -83,21 +85,24 @@ def run_until_killed(cmd, workdir: Path, pause: str, timeout: float = 300) -> di
     """Starts ``cmd`` paused at ``pause``, SIGKILLs it once it waits there and returns what the
     workdir held at that moment."""
     marker = workdir.parent / f"{workdir.name}.{pause.replace(':', '_')}.json"
-    proc = subprocess.Popen(
-        cmd, cwd=workdir.parent, env=env(pause, marker), stderr=subprocess.PIPE, text=True
-    )
+    log = marker.with_suffix(".log")
+    with log.open("w") as stderr:  # a file, not a pipe that could fill up and block the child
+        proc = subprocess.Popen(
+            cmd, cwd=workdir.parent, env=env(pause, marker),
+            stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
     deadline = time.monotonic() + timeout
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     if not marker.exists():
         proc.kill()
-        raise AssertionError(f"never paused at {pause}: {proc.communicate()[1][-3000:]}")
+        proc.wait()
+        raise AssertionError(f"never paused at {pause}: {log.read_text()[-3000:]}")
     seen = json.loads(marker.read_text())
     seen |= {"committed": committed(workdir), "lines": len(metric_lines(workdir))}
     seen["entries"] = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    proc.stderr.close()
     seen["returncode"] = proc.returncode
     return seen
 
@@ -135,14 +140,11 @@ def assert_bit_identical(a, b) -> None:
 def test_killed_three_times_resumes_bit_identically(fmnist_data_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # The uninterrupted run goes alongside the interrupted ones (two processes on two cores).
+    reference_log = (tmp_path / "straight.log").open("w")
     reference = subprocess.Popen(
-        train_cmd(fmnist_data_dir, straight),
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        train_cmd(fmnist_data_dir, straight), cwd=tmp_path, env=env(),
+        stdout=subprocess.DEVNULL, stderr=reference_log,
+    )  # fmt: skip
     cmd = train_cmd(fmnist_data_dir, killed)
 
     # 1. Mid-epoch 2, at step 11, resuming from the committed step-8 checkpoint.
@@ -169,8 +171,9 @@ def test_killed_three_times_resumes_bit_identically(fmnist_data_dir, tmp_path):
     # 4. The same command once more finishes the run.
     last = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True)
     assert last.returncode == 0, last.stderr[-3000:]
-    _, err = reference.communicate(timeout=600)
-    assert reference.returncode == 0, err[-3000:]
+    reference.wait(timeout=600)
+    reference_log.close()
+    assert reference.returncode == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
     want, got = restore_all(straight), restore_all(killed)
     assert FINAL_STEP in want and want.keys() == got.keys()
