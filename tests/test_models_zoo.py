@@ -367,6 +367,7 @@ def test_drop_path_drops_whole_examples_in_train_and_is_identity_in_eval():
     np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
 
 
+@pytest.mark.slow  # 17-27 s measured on 2 busy cores, mostly compiling
 def test_stochastic_depth_rate_one_drops_the_whole_branch():
     """At rate 1 a ConvNeXt block and a residual MBConv are the identity in training (the branch
     is dropped for every example) and not in eval (the branch is kept)."""

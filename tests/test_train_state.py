@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from cnnjax import models, steps
 from cnnjax.train_state import create_train_state
@@ -39,6 +40,7 @@ def images(n=6, seed=0):
     return jax.random.normal(jax.random.key(seed), (n, 8, 8, 1))
 
 
+@pytest.mark.slow  # 17-27 s measured on 2 busy cores, mostly compiling
 def test_evaluation_uses_the_ema_weights():
     """An EMA far from the raw weights: predict_logits and eval_step follow the EMA."""
     state = bn_state(ema_decay=0.99)
@@ -86,6 +88,7 @@ def primitive_dtypes(jaxpr, name: str) -> list:
     return found
 
 
+@pytest.mark.slow  # 17-27 s measured on 2 busy cores, mostly compiling
 def test_bfloat16_computes_in_bfloat16_over_float32_state():
     """The train step's convolutions and matmuls (forward and backward) take bfloat16 inputs,
     while params, optimizer state, EMA and BatchNorm statistics stay float32 after a step."""
