@@ -21,8 +21,15 @@ from cnnjax.models.convnext import ConvNeXtBlock
 from cnnjax.models.efficientnet import MBConv
 from cnnjax.pooling import adaptive_avg_pool, ceil_pool_padding
 
-# torchvision's counts at 224x224x3 and 1000 classes.
+# torchvision 0.28's counts at 224x224x3 and 1000 classes (sum of p.numel() over
+# torchvision.models.<name>(weights=None).parameters(); googlenet with aux_logits=False).
 IMAGENET_COUNTS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "wide_resnet50_2": 68_883_240,
     "alexnet": 61_100_840,
     "vgg11": 132_863_336,
     "vgg13": 133_047_848,
@@ -39,8 +46,36 @@ IMAGENET_COUNTS = {
     "convnext_tiny": 28_589_128,
 }
 
+
+def cifar_resnet_count(depth: int) -> int:
+    """He et al.'s CIFAR ResNet (depth 6n + 2, widths 16/32/64, bias-free 3x3 convs each followed
+    by BatchNorm's scale and bias, option-A shortcuts without parameters, a 10-way head):
+    stem 3*3*3*16 + 2*16 = 464; per stage, n blocks of two convs with BN, the first reading the
+    previous width; head 64*10 + 10. Sums to 97,216 n - 21,926."""
+    n = (depth - 2) // 6
+    conv_bn = lambda cin, cout: 9 * cin * cout + 2 * cout
+    total = conv_bn(3, 16) + 64 * 10 + 10
+    for cin, c in ((16, 16), (16, 32), (32, 64)):
+        total += conv_bn(cin, c) + conv_bn(c, c) + (n - 1) * 2 * conv_bn(c, c)
+    return total
+
+
 # (name, input (H, W, C), classes, count).
 SMALL_COUNTS = [
+    # Published: resnet20 0.27M, resnet32 0.46M, resnet44 0.66M, resnet56 0.85M, resnet110 1.7M.
+    ("resnet20", (32, 32, 3), 10, 269_722),
+    ("resnet32", (32, 32, 3), 10, 464_154),
+    ("resnet44", (32, 32, 3), 10, 658_586),
+    ("resnet56", (32, 32, 3), 10, 853_018),
+    ("resnet110", (32, 32, 3), 10, 1_727_962),
+    # conv1 3*3*1*32 + 32, conv2 3*3*32*64 + 64 (no BatchNorm), fc1 7*7*64*128 + 128, head 1,290.
+    ("simple_cnn", (28, 28, 1), 10, 320 + 18_496 + 401_536 + 1_290),
+    # Bias-free convs with BN (9*cin*cout + 2*cout) at widths 32, 64, 128: 352 + 9,280 + 18,560
+    # + 36,992 + 73,984 + 147,712; 28 -> 14 -> 7 -> 3 px, so fc1 3*3*128*256 + BN 512 = 295,424;
+    # head 256*10 + 10.
+    ("cifar_cnn", (28, 28, 1), 10, 286_880 + 295_424 + 2_570),
+    # stem 9*3*24 + 48, convs 9*24*48 + 96 and 9*48*96 + 192, head 96*10 + 10.
+    ("fast_cnn", (32, 32, 3), 10, 696 + 10_464 + 41_664 + 970),
     ("lenet5", (32, 32, 1), 10, 61_706),
     ("lenet5", (28, 28, 1), 10, 61_706),  # SAME first conv keeps the 5x5x16 flatten
     ("wrn28_10", (32, 32, 3), 10, 36_479_194),  # the reference PyTorch WideResNet's count
@@ -86,9 +121,17 @@ def test_small_model_param_counts(name, shape, classes, count):
     assert logits.shape == (1, classes)
 
 
-def test_names_lists_every_zoo_model():
-    expected = set(IMAGENET_COUNTS) | {name for name, *_ in SMALL_COUNTS}
-    assert expected <= set(models.names())
+def test_every_registered_model_has_its_count_checked():
+    """The two count tests build every registered model at least once; a newly registered model
+    fails here until its count is asserted."""
+    assert set(IMAGENET_COUNTS) | {name for name, *_ in SMALL_COUNTS} == set(models.names())
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_cifar_resnet_counts_follow_the_architecture(depth):
+    counts = {name: count for name, _, _, count in SMALL_COUNTS}
+    n = (depth - 2) // 6
+    assert counts[f"resnet{depth}"] == cifar_resnet_count(depth) == 97_216 * n - 21_926
 
 
 @pytest.mark.parametrize("size", [28, 32])
@@ -247,6 +290,7 @@ def _trees_equal(a, b) -> bool:
     )
 
 
+@pytest.mark.slow  # 5-40 s per model on 2 busy cores: mostly compiling the train step
 @pytest.mark.parametrize("name,kwargs,shape,random", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_train_step_and_train_eval_behaviour(name, kwargs, shape, random):
     model = models.get(name, num_classes=5, **kwargs)
@@ -324,6 +368,7 @@ def test_drop_path_drops_whole_examples_in_train_and_is_identity_in_eval():
     np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
 
 
+@pytest.mark.slow  # 17-27 s measured on 2 busy cores, mostly compiling
 def test_stochastic_depth_rate_one_drops_the_whole_branch():
     """At rate 1 a ConvNeXt block and a residual MBConv are the identity in training (the branch
     is dropped for every example) and not in eval (the branch is kept)."""

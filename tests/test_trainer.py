@@ -1,7 +1,6 @@
 """End to end on the tiny preset: outputs, resume, bit-identical restarts, evaluate, errors."""
 
 import json
-import math
 
 import jax
 import numpy as np
@@ -33,15 +32,16 @@ def final_params(config, workdir):
     return jax.device_get(state.params), meta
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
     line = trainer.train_and_evaluate(tiny_config, tmp_path)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert set(lines[0]) >= LINE_KEYS and "test_accuracy" not in lines[0]
     assert {"test_loss", "test_accuracy"} <= set(lines[-1]) and lines[-1] == line
-    assert all(math.isfinite(v) for x in lines for v in x.values())
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
-    assert lines[-1]["test_accuracy"] > 0.5  # 2 tiny epochs on 512 images: far above chance
+    # 2 tiny epochs on 512 images: 0.6953 measured on seed 0; a floor 4.5 points (23 images) below.
+    assert lines[-1]["test_accuracy"] > 0.65
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"] == {"name": "simple_cnn"} and saved["dataset"] == "fashion_mnist"
     assert json.loads((tmp_path / "dataset.json").read_text())["num_classes"] == 10
@@ -49,14 +49,16 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
     mngr = checkpoint.manager(tmp_path, read_only=True)
     assert mngr.all_steps() == [16, 32]  # 512 / 32 = 16 steps per epoch
 
-    # The same command again is a no-op; evaluate agrees with the trainer's last test line.
+    # The same command again is a no-op; evaluate agrees exactly with the trainer's last test
+    # line (the same jitted eval step on the same restored state).
     assert trainer.train_and_evaluate(tiny_config, tmp_path) == line
     result = evaluate_run(tmp_path, step=32, split="test")
-    assert result["test_accuracy"] == pytest.approx(line["test_accuracy"], abs=1e-6)
-    assert result["test_loss"] == pytest.approx(line["test_loss"], rel=1e-5)
+    assert result["test_accuracy"] == line["test_accuracy"]
+    assert result["test_loss"] == line["test_loss"]
     assert sum(map(sum, result["confusion"])) == 512
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_and_trains_only_remaining_epochs(tiny_config, tmp_path):
     straight = tmp_path / "straight"
     trainer.train_and_evaluate(tiny_config, straight)
@@ -75,6 +77,7 @@ def test_resume_is_bit_identical_and_trains_only_remaining_epochs(tiny_config, t
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_step_functions_compile_once(tiny_config, tmp_path):
     run = trainer.setup(tiny_config, tmp_path)
     model = trainer.build_model(tiny_config, 10)
@@ -96,6 +99,7 @@ def test_workdir_of_another_run_is_refused(tiny_config, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"] == {"name": "simple_cnn"}
 
 
+@pytest.mark.slow
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
     good = tiny_config.copy_and_resolve_references()
     good.num_epochs = 1
@@ -110,6 +114,7 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_streaming_path_trains_and_evaluates_every_example(tiny_config, tmp_path):
     config = tiny_config.copy_and_resolve_references()
     config.num_epochs = 1
@@ -117,12 +122,14 @@ def test_streaming_path_trains_and_evaluates_every_example(tiny_config, tmp_path
     run = trainer.setup(config, tmp_path)
     assert not run.data.resident
     line = trainer.train_and_evaluate(config, tmp_path)
-    assert math.isfinite(line["train_loss"]) and line["test_accuracy"] > 0.3
+    # One epoch of 16 steps: 0.6816 measured on seed 0; a floor 5 points below.
+    assert line["test_accuracy"] > 0.63
     result = evaluate_run(tmp_path, split="test")  # streams too: the run's config says so
     assert result["test_accuracy"] == line["test_accuracy"]
     assert np.sum(result["confusion"]) == 512  # the padded last batch is masked, none twice
 
 
+@pytest.mark.slow
 def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
     # The preset's whole recipe (BatchNorm and dropout model, one-cycle SGD, EMA) at a tiny size.
     from cnnjax import configs
@@ -133,4 +140,5 @@ def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
     config.model.widths = (4, 8, 8)
     config.num_epochs, config.batch_size, config.warmup_epochs = 1, 32, 0.5
     line = trainer.train_and_evaluate(config, tmp_path)
-    assert math.isfinite(line["train_loss"]) and 0 <= line["test_accuracy"] <= 1
+    # 8 steps of a 4-8-8 net: 0.2539 measured on seed 0, chance 0.1; a floor at twice chance.
+    assert line["test_accuracy"] > 0.2

@@ -1,0 +1,198 @@
+"""A run SIGKILLed mid-epoch, during an asynchronous checkpoint save and during evaluation, and
+started again with the same command each time, ends bit for bit where an uninterrupted run ends:
+the whole train state (params, BatchNorm statistics, optimizer state, EMA, ReduceLROnPlateau
+state, step) of every kept checkpoint, and every metrics.jsonl value but the timings.
+
+The kills are placed by ``tests/kill_points/sitecustomize.py``, which makes the process wait at
+the chosen point (it computes nothing differently); the test then checks from outside that the
+kill landed mid-run: exit status -9, the files on disk in the state that phase leaves them, and
+the latest committed checkpoint before the final step.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cnnjax import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+KILL_POINTS = Path(__file__).resolve().parent / "kill_points"
+
+STEPS_PER_EPOCH = 8  # limit_examples 256 / batch_size 32
+EPOCHS = 3
+FINAL_STEP = EPOCHS * STEPS_PER_EPOCH
+# Everything that makes a resume hard at once: BatchNorm statistics, dropout (cifar_cnn), random
+# augmentation, an EMA, the plateau state, one-cycle SGD with Nesterov momentum and weight decay.
+RECIPE = [
+    "--config=fashion_mnist_best",
+    "--config.model=cifar_cnn",
+    "--config.model.widths=(4, 8, 8)",
+    f"--config.num_epochs={EPOCHS}",
+    "--config.batch_size=32",
+    "--config.warmup_epochs=1",
+    "--config.schedule=onecycle",
+    "--config.augment=crop(pad=2),flip",
+    "--config.ema_decay=0.9",
+    "--config.plateau.patience=1",
+    "--config.log_every_steps=3",  # progress logs at steps 3, 6, 11, 14, 19, 22
+    "--config.data.limit_examples=256",
+    "--config.data.eval_batch_size=128",
+]
+TIMING_KEYS = {"wall_s", "train_images_per_sec"}
+STATE_KEYS = {"step", "params", "opt_state", "batch_stats", "ema_params", "plateau"}
+
+
+def train_cmd(data_dir, workdir) -> list[str]:
+    data = f"--config.data.data_dir={data_dir}"
+    return [sys.executable, "-m", "cnnjax.train", *RECIPE, data, f"--workdir={workdir}"]
+
+
+def env(pause: str | None = None, marker: Path | None = None) -> dict:
+    # One CPU device (the 4 fake devices of conftest only slow a subprocess down), this
+    # checkout's cnnjax rather than an installed one, and the pause hooks. The compilation cache
+    # is the user's (cnnjax's default): with a fresh one each time the five processes spent
+    # over twice as long compiling.
+    e = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    e["PYTHONPATH"] = os.pathsep.join([str(KILL_POINTS), str(REPO), e.get("PYTHONPATH", "")])
+    e.pop("CNNJAX_PAUSE", None)
+    if pause:
+        e |= {"CNNJAX_PAUSE": pause, "CNNJAX_PAUSE_MARKER": str(marker)}
+    return e
+
+
+def committed(workdir: Path) -> list[int]:
+    """Steps of the committed checkpoints (Orbax writes into ``<step>.orbax-checkpoint-tmp*``
+    and renames when done)."""
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def metric_lines(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
+
+
+def run_until_killed(cmd, workdir: Path, pause: str, timeout: float = 300) -> dict:
+    """Starts ``cmd`` paused at ``pause``, SIGKILLs it once it waits there and returns what the
+    workdir held at that moment."""
+    marker = workdir.parent / f"{workdir.name}.{pause.replace(':', '_')}.json"
+    log = marker.with_suffix(".log")
+    with log.open("w") as stderr:  # a file, not a pipe that could fill up and block the child
+        proc = subprocess.Popen(
+            cmd, cwd=workdir.parent, env=env(pause, marker),
+            stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not marker.exists():
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"never paused at {pause}: {log.read_text()[-3000:]}")
+    seen = json.loads(marker.read_text())
+    seen |= {"committed": committed(workdir), "lines": len(metric_lines(workdir))}
+    seen["entries"] = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    seen["returncode"] = proc.returncode
+    return seen
+
+
+def restore_all(workdir: Path) -> dict:
+    """``{step: (state tree, meta)}`` of every checkpoint, restored as saved (no target)."""
+    mngr = checkpoint.manager(workdir, read_only=True)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    out = {}
+    for step in mngr.all_steps():
+        restored = mngr.restore(step, args=args)
+        out[step] = (jax.device_get(restored.state), restored.meta)
+    mngr.close()
+    return out
+
+
+def without_timings(line: dict) -> dict:
+    return {k: v for k, v in line.items() if k not in TIMING_KEYS}
+
+
+def flat(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def assert_bit_identical(a, b) -> None:
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for key, value in fa.items():
+        assert value.dtype == fb[key].dtype, key
+        np.testing.assert_array_equal(value, fb[key], err_msg=key, strict=True)
+
+
+@pytest.mark.slow
+def test_killed_three_times_resumes_bit_identically(fmnist_data_dir, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # The uninterrupted run goes alongside the interrupted ones (two processes on two cores).
+    reference_log = (tmp_path / "straight.log").open("w")
+    reference = subprocess.Popen(
+        train_cmd(fmnist_data_dir, straight), cwd=tmp_path, env=env(),
+        stdout=subprocess.DEVNULL, stderr=reference_log,
+    )  # fmt: skip
+    cmd = train_cmd(fmnist_data_dir, killed)
+
+    # 1. Mid-epoch 2, at step 11, resuming from the committed step-8 checkpoint.
+    mid = run_until_killed(cmd, killed, "step:11")
+    assert mid["returncode"] == -signal.SIGKILL
+    assert mid["committed"] == [8] and mid["lines"] == 1
+
+    # 2. During the save of step 16 (from the resumed epoch 2): its files are written under the
+    # temporary name, not committed. Epoch 2's line is in metrics.jsonl, and epoch 3's too when
+    # the main thread, which trains on meanwhile, got that far: the restart drops both.
+    save = run_until_killed(cmd, killed, "save:16")
+    assert save["returncode"] == -signal.SIGKILL
+    assert save["committed"] == [8] and save["lines"] in (2, 3)
+    assert Path(save["tmp"]).name in save["entries"] and ".orbax-checkpoint-tmp" in save["tmp"]
+
+    # 3. During epoch 3's evaluation (the second validation of a process resumed at epoch 2),
+    # before its line, its test evaluation and its checkpoint.
+    evaluation = run_until_killed(cmd, killed, "eval:2")
+    assert evaluation["returncode"] == -signal.SIGKILL
+    assert evaluation["committed"] == [8, 16] and evaluation["lines"] == 2
+    for seen in (mid, save, evaluation):
+        assert max(seen["committed"]) < FINAL_STEP
+
+    # 4. The same command once more finishes the run.
+    last = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert last.returncode == 0, last.stderr[-3000:]
+    reference.wait(timeout=600)
+    reference_log.close()
+    assert reference.returncode == 0, (tmp_path / "straight.log").read_text()[-3000:]
+
+    want, got = restore_all(straight), restore_all(killed)
+    assert FINAL_STEP in want and want.keys() == got.keys()
+    for step, (state, meta) in want.items():
+        assert set(state) == STATE_KEYS and int(state["step"]) == step
+        assert state["ema_params"] and state["plateau"] and state["batch_stats"]
+        assert_bit_identical(state, got[step][0])
+        assert without_timings(meta) == without_timings(got[step][1]), step
+    # Epoch 2's validation loss rose, so the plateau lowered the learning rate: its state matters.
+    assert float(want[FINAL_STEP][0]["plateau"]["scale"]) < 1
+    # The comparison can fail: two checkpoints of one run differ in every part.
+    earlier = min(want)
+    assert earlier < FINAL_STEP
+    for part in STATE_KEYS - {"plateau"}:
+        a, b = flat(want[earlier][0][part]), flat(want[FINAL_STEP][0][part])
+        assert any(not np.array_equal(a[k], b[k]) for k in a), part
+
+    lines_a, lines_b = metric_lines(straight), metric_lines(killed)
+    assert [x["epoch"] for x in lines_a] == [x["epoch"] for x in lines_b] == [1, 2, 3]
+    for a, b in zip(lines_a, lines_b, strict=True):
+        assert a.keys() == b.keys() and a.keys() >= TIMING_KEYS
+        assert without_timings(a) == without_timings(b)

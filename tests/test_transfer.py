@@ -1,0 +1,91 @@
+"""cnnjax.transfer: init_from another run by parameter path (a new head for another class
+count), and a frozen backbone that training leaves bit-identical, BatchNorm statistics included."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from cnnjax import checkpoint, models, optim, trainer, transfer
+from cnnjax.errors import CheckpointError
+from cnnjax.train_state import create_train_state
+
+
+def variant(config, **overrides):
+    c = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        setattr(c, key, value)
+    return c
+
+
+def initial_params(config):
+    model = trainer.build_model(config, 10)
+    tx, _ = optim.create_optimizer(config, 16)
+    state = trainer.initial_state(config, model, tx, (28, 28, 1), trainer.parallel.make_mesh())
+    return jax.device_get(state.params), jax.device_get(state.batch_stats)
+
+
+def restored(config, workdir):
+    run = trainer.setup(config, workdir)
+    model = trainer.build_model(config, 10)
+    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
+    state, _ = trainer.restore(run, checkpoint.run_manager(config, workdir, True), model, tx)
+    return jax.device_get(state)
+
+
+@pytest.mark.slow
+def test_frozen_backbone_is_bit_identical(tiny_config, tmp_path):
+    config = variant(tiny_config, **{"model.name": "cifar_cnn"}, num_epochs=1, freeze="backbone")
+    params0, stats0 = initial_params(config)
+    state = restored(config, tmp_path) if trainer.train_and_evaluate(config, tmp_path) else None
+    for name in params0:
+        same = jax.tree.map(np.array_equal, params0[name], state.params[name])
+        assert all(jax.tree.leaves(same)) == (name != "head"), name
+    jax.tree.map(np.testing.assert_array_equal, stats0, state.batch_stats)  # BN frozen too
+
+
+@pytest.fixture(scope="module")
+def source(fmnist_data_dir, tmp_path_factory):
+    """A finished one-epoch tiny run to transfer from."""
+    from cnnjax import configs
+
+    config = configs.get("tiny")
+    config.data.data_dir = fmnist_data_dir
+    workdir = tmp_path_factory.mktemp("source")
+    trainer.train_and_evaluate(variant(config, num_epochs=1), workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_init_from_loads_matching_params_and_rejects_another_model(tiny_config, source):
+    pretrained = restored(tiny_config, source).params
+    config = variant(tiny_config, init_from=str(source), seed=5)
+    loaded, _ = initial_params(config)
+    jax.tree.map(np.testing.assert_array_equal, pretrained, loaded)
+
+    other = variant(tiny_config, **{"model.name": "cifar_cnn"}, init_from=str(source))
+    with pytest.raises(CheckpointError, match="do not match the pretrained run.*block1_conv1"):
+        initial_params(other)
+
+
+@pytest.mark.slow
+def test_init_from_gives_a_new_head_for_another_class_count(tiny_config, source):
+    model = models.get("simple_cnn", 3)
+    state = create_train_state(model, optax.sgd(0.1), jax.random.key(0), (28, 28, 1))
+    loaded = transfer.load_pretrained(state, source)
+    assert loaded.params["head"]["fc"]["kernel"].shape == (128, 3)
+    np.testing.assert_array_equal(
+        loaded.params["conv1"]["conv"]["kernel"],
+        restored(tiny_config, source).params["conv1"]["conv"]["kernel"],
+    )
+
+
+def test_merge_keeps_a_fresh_head_of_another_shape_and_names_other_mismatches():
+    fresh = {"conv": {"kernel": np.zeros((3, 3, 1, 4))}, "head": {"kernel": np.zeros((4, 3))}}
+    pretrained = {"conv": {"kernel": np.ones((3, 3, 1, 4))}, "head": {"kernel": np.ones((4, 10))}}
+    merged = transfer.merge(fresh, pretrained, "params")
+    np.testing.assert_array_equal(merged["conv"]["kernel"], 1.0)
+    np.testing.assert_array_equal(merged["head"]["kernel"], 0.0)
+    other = {"conv": {"kernel": np.ones((5, 5, 1, 4))}, "head": pretrained["head"]}
+    with pytest.raises(CheckpointError, match=r"1 parameter\(s\) do not match.*params/conv/kernel"):
+        transfer.merge(fresh, other, "params")
