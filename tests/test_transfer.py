@@ -12,9 +12,14 @@ from cnnjax.train_state import create_train_state
 
 
 def variant(config, **overrides):
+    """A copy of ``config`` with ``overrides`` (dotted keys reach into groups: "model.name")."""
     c = config.copy_and_resolve_references()
     for key, value in overrides.items():
-        setattr(c, key, value)
+        *parents, leaf = key.split(".")
+        target = c
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
     return c
 
 
