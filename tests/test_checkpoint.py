@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, optim, trainer
+from cnnjax import checkpoint, configs, optim, trainer
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import CheckpointError
 
@@ -100,5 +100,11 @@ def test_load_run_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is unreadable"):
         checkpoint.load_run(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "simple_cnn"}}))
+    with pytest.raises(CheckpointError, match="config.json lacks dataset, dtype, data, check"):
+        checkpoint.load_run(tmp_path)
+    (tmp_path / "config.json").write_text(configs.get("tiny").to_json())
     with pytest.raises(CheckpointError, match="no dataset.json.*never trained"):
+        checkpoint.load_run(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "fashion_mnist"}))
+    with pytest.raises(CheckpointError, match="dataset.json lacks image_shape, num_classes"):
         checkpoint.load_run(tmp_path)
