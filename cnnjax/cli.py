@@ -239,9 +239,13 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
 
 
 def no_extra_args(argv: list[str]) -> None:
-    """Refuses positional arguments where a tool takes none."""
+    """Refuses positional arguments where a tool takes none.
+
+    Raises:
+      ConfigError: (from inside ``main``, where only a ``CnnjaxError`` is one line) any.
+    """
     if len(argv) > 1:
-        raise flags.Error(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; see --helpfull")
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
