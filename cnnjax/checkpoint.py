@@ -48,7 +48,7 @@ def manager(
     directory = Path(workdir).absolute() / "checkpoints"
     try:  # Orbax reads every checkpoint's metrics here: a damaged one fails at once
         return ocp.CheckpointManager(directory, options=options)
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+    except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(
             f"checkpoints in {directory} are unreadable ({_first_line(e)}); the run directory "
             "is damaged: delete the damaged checkpoints/<step> or use another --workdir"
