@@ -50,8 +50,8 @@ def manager(
         return ocp.CheckpointManager(directory, options=options)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(
-            f"checkpoints in {directory} are unreadable ({_first_line(e)}); the run directory "
-            "is damaged: delete the damaged checkpoints/<step> or use another --workdir"
+            f"checkpoints in {directory} are unreadable ({e}); the run directory is damaged: "
+            "delete the damaged checkpoints/<step> or use another --workdir"
         ) from None
 
 
@@ -89,16 +89,11 @@ def _restore_step(mngr, step: int, args):
     try:
         return mngr.restore(step, args=args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {step} in {mngr.directory} does not match this config or is corrupt "
-            f"({_first_line(e)}); use the config it was trained with, or another --workdir"
+            f"({first_line[:200]}); use the config it was trained with, or another --workdir"
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an error's message (at most 200 characters), or its type's name."""
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def abstract_with_sharding(tree, sharding):
