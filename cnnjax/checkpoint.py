@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from cnnjax import configs, models, parallel
 from cnnjax.data.pipeline import DatasetInfo
 from cnnjax.errors import CheckpointError, ConfigError
-from cnnjax.train_state import TrainState, init_variables
+from cnnjax.train_state import TrainState, init_variables, path_str
 
 
 def manager(
@@ -45,7 +45,14 @@ def manager(
         read_only=read_only,
         create=not read_only,
     )
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+    directory = Path(workdir).absolute() / "checkpoints"
+    try:  # Orbax reads every checkpoint's metrics here: a damaged one fails at once
+        return ocp.CheckpointManager(directory, options=options)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"checkpoints in {directory} are unreadable ({e}); the run directory is damaged: "
+            "delete the damaged checkpoints/<step> or use another --workdir"
+        ) from None
 
 
 def run_manager(config, workdir, read_only: bool = False):
@@ -99,9 +106,20 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path.parent} is not a cnnjax run directory (no {path.name}){what}")
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); the run directory is damaged") from None
+    missing = [k for k in _REQUIRED[path.name] if not isinstance(content, dict) or k not in content]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; the run directory is damaged")
+    return content
+
+
+# The keys of a run's JSON files that opening the run reads.
+_REQUIRED = {
+    "config.json": ("model", "dataset", "dtype", "data", "checkpointing"),
+    "dataset.json": tuple(f.name for f in dataclasses.fields(DatasetInfo)),
+}
 
 
 def load_run_config(workdir: Path) -> ConfigDict:
@@ -178,6 +196,7 @@ def load_run(workdir, step: int | None = None, mesh=None) -> TrainedRun:
     mngr = run_manager(config, workdir, read_only=True)
     try:
         step = _checkpoint_step(mngr, step)
+        _check_shapes(mngr, step, target)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         state_args = ocp.args.PyTreeRestore(target, restore_args, partial_restore=True)
         args = ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
@@ -208,6 +227,34 @@ def _checkpoint_step(mngr, step: int | None) -> int:
             f"no checkpoint at step {step} in {mngr.directory}; have: {mngr.all_steps()}"
         )
     return step
+
+
+def _check_shapes(mngr, step: int, target: dict) -> None:
+    """Refuses, before any array is read, a checkpoint whose arrays have other shapes than
+    ``target``'s (another model or class count wrote it): Orbax would fail halfway through its
+    asynchronous reads and leave the others to print tracebacks at exit.
+
+    Raises:
+      CheckpointError: the first mismatching path and both shapes.
+    """
+    try:
+        stored = ocp.PyTreeCheckpointer().metadata(Path(mngr.directory) / str(step) / "state")
+        stored = stored.item_metadata.tree
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # unreadable metadata: the restore itself reports the damage
+    shapes = {path_str(p): getattr(v, "shape", None) for p, v in _leaves(stored)}
+    for path, leaf in _leaves(target):
+        shape = shapes.get(path_str(path))
+        if shape is not None and tuple(shape) != tuple(leaf.shape):
+            raise CheckpointError(
+                f"checkpoint {step} in {mngr.directory} holds {path_str(path)} of shape "
+                f"{tuple(shape)}, the model {tuple(leaf.shape)}: its config.json or "
+                "dataset.json does not describe it; use another --workdir"
+            )
+
+
+def _leaves(tree) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def eval_target(model, input_shape, ema: bool, mesh) -> dict:

@@ -3,10 +3,10 @@
 Before ``main`` runs, identically for every tool: ``--config=NAME`` resolved to a preset file,
 the XLA flags measured fastest for the target platform added to ``XLA_FLAGS`` (the user's own
 entries win), JAX's persistent compilation cache turned on, and library chatter (absl, Orbax,
-TensorFlow) lowered to errors unless ``--verbosity`` is given. While it runs, a ``CnnjaxError``
-(a mistake the user can fix) and any error while parsing the flags end the process with one
-line ``error: ...`` on stderr and exit status 2; ``CNNJAX_TRACEBACK=1`` shows the traceback
-too. Anything else is a bug and keeps its traceback.
+TensorFlow) lowered to errors unless ``--verbosity`` is given. While it runs, a
+``CnnjaxError`` (a mistake the user can fix) and any error while parsing the flags end the
+process with one line ``error: ...`` on stderr and exit status 2; ``CNNJAX_TRACEBACK=1`` shows
+the traceback too. Anything else is a bug and keeps its traceback.
 
 Nothing happens on import. ``experiments/README.md`` ("Where the time goes (CPU)") has the
 measurements behind every XLA flag here.
@@ -239,9 +239,13 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
 
 
 def no_extra_args(argv: list[str]) -> None:
-    """Refuses positional arguments where a tool takes none."""
+    """Refuses positional arguments where a tool takes none.
+
+    Raises:
+      ConfigError: (from inside ``main``, where only a ``CnnjaxError`` is one line) any.
+    """
     if len(argv) > 1:
-        raise flags.Error(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; see --helpfull")
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

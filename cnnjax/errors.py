@@ -14,6 +14,11 @@ class ConfigError(CnnjaxError, ValueError):
     """The configuration is inconsistent (e.g. a batch that does not split over the devices)."""
 
 
+class InputTooSmallError(ConfigError):
+    """A layer of a model gets an empty input, or a window larger than its input: the images are
+    too small for the model."""
+
+
 class DataUnavailableError(CnnjaxError):
     """A dataset is neither prepared, nor found locally, nor downloadable."""
 

@@ -17,6 +17,7 @@ from cnnjax import checkpoint, parallel, plots, steps
 from cnnjax import metrics as metrics_lib
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
+from cnnjax.errors import CheckpointError
 
 METRIC_KEYS = ("loss", "correct", "count")
 
@@ -144,6 +145,9 @@ def report(workdir, step: int | None = None, split: str = "test") -> dict:
     result = evaluate_run(workdir, step, split)
     print(format_report(result))
     picture = Path(workdir) / "confusion_matrix.png"
-    plots.plot_confusion_matrix(result["confusion"], result["class_names"], picture)
+    try:
+        plots.plot_confusion_matrix(result["confusion"], result["class_names"], picture)
+    except OSError as e:  # a read-only or full run directory: the numbers are printed already
+        raise CheckpointError(f"cannot write {picture}: {e.strerror or e}") from None
     print(f"confusion matrix: {picture}")
     return result

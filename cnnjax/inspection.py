@@ -485,7 +485,10 @@ def write_report(
     kernel gradients) defaults to the first convolution.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {out}: {e.filename or out}: {e.strerror or e}") from None
     predicted = np.argmax(np.asarray(logits(model, variables, images)), -1)
     labels = predicted if labels is None else labels
     kgrads = kernel_gradients(model, variables, images, labels, train)
@@ -546,8 +549,18 @@ def report(
 ) -> Path:
     """``python -m cnnjax.inspect_model``: loads a run (or a fresh model), writes
     ``write_report``'s files into ``out_dir`` (default ``WORKDIR/inspection``, or
-    ``checkpoints/inspection_<model>``) and prints the gradient table. Returns ``out_dir``."""
+    ``checkpoints/inspection_<model>``) and prints the gradient table. Returns ``out_dir``.
+
+    Raises:
+      ConfigError: ``num_images`` < 1, a ``class_index`` outside the model's classes, or an
+        ``out_dir`` that cannot be created (and ``load_model``'s and ``load_inputs``' errors).
+    """
+    if num_images < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {num_images}")
     loaded = load_model(workdir, model_name, num_classes, input_shape, step=step, seed=seed)
+    classes = loaded.model.num_classes
+    if class_index is not None and not 0 <= class_index < classes:
+        raise ConfigError(f"--class-index={class_index} must be in [0, {classes - 1}]")
     images, labels = load_inputs(loaded, image_files, num_images, split=split, seed=seed)
     if out_dir is None:
         out_dir = (

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax.errors import InputTooSmallError
+
 
 def max_pool(x, window=(2, 2), strides=None, padding="VALID"):
     """Max pooling over NHWC ``x``; ``strides`` defaults to ``window``.
@@ -70,7 +72,7 @@ def tiled_max_pool(x, window=(2, 2)):
     kh, kw = window
     h, w = x.shape[-3] // kh * kh, x.shape[-2] // kw * kw
     if h == 0 or w == 0:
-        raise ValueError(f"window {window} is larger than the input {x.shape[-3:-1]}")
+        raise InputTooSmallError(f"window {window} is larger than the input {x.shape[-3:-1]}")
     cropped = x[..., :h, :w, :]  # a no-op slice (no copy) when the window divides the size
     return _tiled_max(cropped, kh, kw)
 

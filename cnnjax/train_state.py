@@ -11,6 +11,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from cnnjax import models
+
 
 def path_str(path) -> str:
     """A pytree key path as ``"stage1_block1/conv_bn1/conv/kernel"``."""
@@ -88,7 +90,8 @@ def frozen_batch_norm(pattern: str):
 def init_variables(model, key: jax.Array, input_shape) -> dict:
     """Initialises the model's variables from a batch of one ``input_shape`` (H, W, C) image."""
     x = jnp.zeros((1, *input_shape), jnp.float32)
-    return model.init({"params": key, "dropout": key}, x, train=False)
+    with models.input_size_checked(model, input_shape):
+        return model.init({"params": key, "dropout": key}, x, train=False)
 
 
 def create_train_state(

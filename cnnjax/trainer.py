@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from cnnjax import checkpoint, configs, evaluation, models, optim, parallel, plots, steps, transfer
 from cnnjax import metrics as metrics_lib
+from cnnjax.configs import validation
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
@@ -305,8 +306,9 @@ def train_and_evaluate(config, workdir) -> dict:
     Raises:
       CnnjaxError: bad names, missing data, an incompatible workdir, or a diverged loss.
     """
-    workdir = Path(workdir)
+    validation.check(config)
     validate_names(config)
+    workdir = validation.check_workdir(workdir, create=jax.process_index() == 0)
     check_workdir(config, workdir)
     run = setup(config, workdir)
     if jax.process_index() == 0:

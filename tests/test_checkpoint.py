@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import checkpoint, models, optim, parallel, trainer
+from cnnjax import checkpoint, configs, models, optim, parallel, trainer
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import CheckpointError
 from cnnjax.train_state import abstract_train_state
@@ -191,5 +191,11 @@ def test_load_run_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is unreadable"):
         checkpoint.load_run(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "simple_cnn"}}))
+    with pytest.raises(CheckpointError, match="config.json lacks dataset, dtype, data, check"):
+        checkpoint.load_run(tmp_path)
+    (tmp_path / "config.json").write_text(configs.get("tiny").to_json())
     with pytest.raises(CheckpointError, match="no dataset.json.*never trained"):
+        checkpoint.load_run(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "fashion_mnist"}))
+    with pytest.raises(CheckpointError, match="dataset.json lacks image_shape, num_classes"):
         checkpoint.load_run(tmp_path)

@@ -105,7 +105,7 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     good.num_epochs = 1
     trainer.train_and_evaluate(good, tmp_path)
     bad = tiny_config.copy_and_resolve_references()
-    bad.learning_rate = float("nan")
+    bad.learning_rate = 1e30  # nan is refused before training; this overflows at once
     with pytest.raises(TrainingDivergedError, match="not finite at epoch 2.*step 16"):
         trainer.train_and_evaluate(bad, tmp_path)
     assert checkpoint.manager(tmp_path, read_only=True).all_steps() == [16]

@@ -16,9 +16,14 @@ from cnnjax.errors import ConfigError
 from cnnjax.registry import Registry
 
 PRESETS_DIR = Path(__file__).parent
+_NOT_PRESETS = ("validation",)  # modules of this package that hold code, not a get_config()
 PRESETS: Registry[Path] = Registry(
     "config preset",
-    {p.stem: p for p in sorted(PRESETS_DIR.glob("*.py")) if not p.stem.startswith("_")},
+    {
+        p.stem: p
+        for p in sorted(PRESETS_DIR.glob("*.py"))
+        if not p.stem.startswith("_") and p.stem not in _NOT_PRESETS
+    },
 )
 OPEN_GROUPS = ("model",)  # groups whose keys are checked against the model, not the file
 

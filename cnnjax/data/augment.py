@@ -21,7 +21,6 @@ step; with ``train=False`` it returns the batch untouched (evaluation never augm
 """
 
 import ast
-import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
+from cnnjax import rules as rule_lib
 from cnnjax.errors import ConfigError
 from cnnjax.registry import Registry
 
@@ -40,50 +40,18 @@ _RULES: dict[str, dict[str, "_Rule"]] = {}  # op name -> parameter name -> what 
 # -- Parameter rules: checked by ``parse`` so a bad config fails before anything is traced. --
 
 
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-    """What one parameter accepts: ``accepts`` completes the sentence "must be ..."."""
-
-    accepts: str
-    ok: Callable[[object], bool]
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _interval(lo: float, hi: float) -> str:
-    return f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+# The rule helpers are shared with the config checks (cnnjax.rules).
+_Rule = rule_lib.Rule
+_is_number = rule_lib.is_number
+_either, _choice, _pair = rule_lib.either, rule_lib.choice, rule_lib.pair
 
 
 def _scalar(lo: float, hi: float = math.inf, integer: bool = False) -> _Rule:
     """A number (an int if ``integer``) in [lo, hi]."""
-    kind = "an integer" if integer else "a number"
-    ok = lambda v: _is_number(v) and (isinstance(v, int) or not integer) and lo <= v <= hi
-    return _Rule(f"{kind} {_interval(lo, hi)}", ok)
+    return rule_lib.number(lo, hi, integer=integer)
 
 
-def _pair(lo: float, hi: float, ordered: bool = True) -> _Rule:
-    """A pair of numbers in [lo, hi], with ``low <= high`` if ``ordered``."""
-
-    def ok(v):
-        if not (isinstance(v, tuple) and len(v) == 2 and all(map(_is_number, v))):
-            return False
-        return lo <= min(v) and max(v) <= hi and (v[0] <= v[1] or not ordered)
-
-    order = " with low <= high" if ordered else ""
-    return _Rule(f"a pair (low, high) {_interval(lo, hi)}{order}", ok)
-
-
-def _either(*rules: _Rule) -> _Rule:
-    return _Rule(" or ".join(r.accepts for r in rules), lambda v: any(r.ok(v) for r in rules))
-
-
-def _choice(*words: str) -> _Rule:
-    return _Rule(f"one of {', '.join(words)}", lambda v: v in words)
-
-
-_NONE = _Rule("None", lambda v: v is None)
+_NONE = rule_lib.NONE
 _PROB = _scalar(0, 1)
 _SHIFT = _either(_scalar(0, 1), _pair(-1, 1))  # fraction of the image size
 _ZOOM = _either(_scalar(0, 1), _pair(-1, math.inf))  # zoom = 1 + factor must stay >= 0

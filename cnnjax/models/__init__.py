@@ -7,14 +7,15 @@ model with a group, ``config.model.name`` plus any of the model's attributes
 (``config.model.small_input``, ``config.model.widths``): ``from_config`` validates and builds it.
 """
 
+import contextlib
 import dataclasses
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.errors import ConfigError
+from cnnjax.errors import ConfigError, InputTooSmallError
 from cnnjax.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -36,8 +37,12 @@ def get(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
     Raises:
       UnknownNameError: (a ``ValueError``) ``name`` is unknown; the message lists valid names.
+      ConfigError: ``num_classes`` is not a positive integer.
     """
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    factory = MODELS[name]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    return factory(num_classes=num_classes, **kwargs)
 
 
 def options(name: str) -> dict[str, object]:
@@ -100,6 +105,35 @@ def from_config(model_config: Mapping, num_classes: int, dtype: str = "float32")
     """The model a ``config.model`` group describes, computing in ``dtype``."""
     kwargs = check_config(model_config)
     return get(model_config["name"], num_classes, dtype=jnp.dtype(dtype), **kwargs)
+
+
+def _empty_input_guard(next_fun, args, kwargs, context):
+    """A Linen interceptor refusing a layer call on an empty array (a feature map shrunk to
+    nothing), before an initialiser divides by its zero fan-in."""
+    if context.method_name == "__call__":
+        for arg in args:
+            shape = getattr(arg, "shape", None)
+            if shape is not None and 0 in shape:
+                path = "/".join(context.module.path) or "(root)"
+                raise InputTooSmallError(f"layer {path} gets an empty input {tuple(shape)}")
+    return next_fun(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def input_size_checked(model: nn.Module, input_shape: Sequence[int]) -> Iterator[None]:
+    """Within: initialising or tracing ``model`` on images of ``input_shape`` (H, W, C) that are
+    too small for it (a layer gets an empty input, a pooling window exceeds its input) raises a
+    one-line ``ConfigError`` instead of an arithmetic error deep inside an initialiser.
+    """
+    try:
+        with nn.intercept_methods(_empty_input_guard):
+            yield
+    except InputTooSmallError as e:
+        raise ConfigError(
+            f"images of shape {tuple(input_shape)} are too small for {type(model).__name__} "
+            f"({e}); use larger images (data.image_size, --input-shape) or a model for small "
+            "images (e.g. small_input=True)"
+        ) from None
 
 
 # Families register on import; keep this list explicit (no importlib on strings).

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
+from cnnjax import models
+from cnnjax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class SummaryRow:
@@ -120,10 +123,15 @@ def summary(
 
     Returns:
       The ``SummaryTable``; MACs and FLOPs are per image.
+
+    Raises:
+      ConfigError: a bad ``input_shape`` or ``batch_size``, or images too small for the model.
     """
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be (H, W, C) of positive sizes, got {input_shape}")
+        raise ConfigError(f"input_shape must be (H, W, C) of positive sizes, got {input_shape}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     calls: list[_Call] = []
     stack: list[_Call] = []
 
@@ -144,7 +152,7 @@ def summary(
         return out
 
     def init(x):
-        with nn.intercept_methods(interceptor):
+        with models.input_size_checked(model, input_shape), nn.intercept_methods(interceptor):
             return model.init(jax.random.key(0), x, train=False)
 
     x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
