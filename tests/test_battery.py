@@ -158,7 +158,7 @@ CASES = [
     ("no_model", "summary", [], 2, "--model"),
     ("shape_two_numbers", "summary", ["--model=lenet5", "--input-shape=32,32"], 2, "H,W,C"),
     ("shape_too_small", "summary", ["--model=lenet5", "--input-shape=4,4,1"], 2,
-     "images of shape (4, 4, 1) are too small for LeNet5 (layer fc1 gets an empty input"),
+     "images of shape (4, 4, 1) are too small for LeNet5 (layer pool2 gets an empty input"),
     ("no_classes", "summary", [*SMALL, "--num-classes=0"], 2, "num_classes must be an integer"),
     ("batch_zero", "summary", [*SMALL, "--batch-size=0"], 2, "batch_size must be at least 1"),
     # inspect_model

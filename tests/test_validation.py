@@ -107,7 +107,7 @@ def test_workdir_checks(tmp_path):
 
 
 def test_images_too_small_for_a_model_are_a_config_error():
-    with pytest.raises(ConfigError, match=r"\(4, 4, 1\) are too small for LeNet5 \(layer fc1"):
+    with pytest.raises(ConfigError, match=r"\(4, 4, 1\) are too small for LeNet5 \(layer pool2"):
         init_variables(models.get("lenet5"), jax.random.key(0), (4, 4, 1))
     with pytest.raises(ConfigError, match=r"too small for SimpleCNN \(window \(2, 2\) is larger"):
         init_variables(models.get("simple_cnn"), jax.random.key(0), (3, 3, 1))
