@@ -155,8 +155,8 @@ def launch(num_processes: int, args: list[str], devices: int = 0, port: int = 0,
     """
     if num_processes < 1 or devices < 0:
         raise ConfigError(
-            f"--num_processes={num_processes} must be >= 1 and --devices_per_process={devices} "
-            ">= 0"
+            f"need --num_processes >= 1 and --devices_per_process >= 0, got {num_processes} "
+            f"and {devices}"
         )
     cmds = commands(num_processes, port or free_port(), args, module)
     group = Group(cmds, process_env(devices), grace_s)

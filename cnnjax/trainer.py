@@ -5,6 +5,7 @@ on the device and are fetched once per ``log_every_steps`` and once per epoch.
 """
 
 import dataclasses
+import itertools
 import json
 import time
 from functools import partial
@@ -219,7 +220,9 @@ def stream_train(run: Run, epoch: int):
         image_size=c.data.image_size,
         limit=c.data.limit_examples,
     )
-    for batch in batches:
+    # Every process stops after the same number of steps (each is a collective); its shard of
+    # n examples holds at least n // batch_size batches of batch_size // processes.
+    for batch in itertools.islice(batches, run.steps_per_epoch):
         yield parallel.host_to_global(batch, run.mesh)
 
 
