@@ -219,7 +219,7 @@ def prepare_process() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     configure_xla()
     parallel.size_cpu_thread_pools()
-    if "num_processes" in flags.FLAGS:  # the tools that define cnnjax.distributed's flags
+    if "coordinator_address" in flags.FLAGS:  # the tools that define cnnjax.distributed's flags
         from cnnjax import distributed
 
         distributed.initialize_from_flags()  # before anything creates JAX's backends

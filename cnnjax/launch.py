@@ -27,16 +27,23 @@ from absl import app, flags
 from cnnjax import cli
 from cnnjax.errors import ConfigError
 
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Training processes to start.")
-_DEVICES = flags.DEFINE_integer(
-    "devices_per_process", 0, "Fake CPU devices per process (0: leave XLA_FLAGS as it is)."
-)
-_PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).")
-_GRACE_S = flags.DEFINE_float(
-    "grace_s", 10.0, "Seconds between SIGTERM and SIGKILL when stopping the processes."
-)
-_MODULE = flags.DEFINE_string("module", "cnnjax.train", "The module every process runs.")
 POLL_S = 0.2
+
+
+def define_flags() -> dict:
+    """The launcher's flags (defined when it runs: ``cnnjax.distributed``, imported beside it in
+    one process, has its own ``--num_processes``)."""
+    return {
+        "num_processes": flags.DEFINE_integer("num_processes", 2, "Training processes to start."),
+        "devices": flags.DEFINE_integer(
+            "devices_per_process", 0, "Fake CPU devices per process (0: leave XLA_FLAGS as is)."
+        ),
+        "port": flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one)."),
+        "grace_s": flags.DEFINE_float(
+            "grace_s", 10.0, "Seconds between SIGTERM and SIGKILL when stopping the processes."
+        ),
+        "module": flags.DEFINE_string("module", "cnnjax.train", "The module every process runs."),
+    }
 
 
 def free_port() -> int:
@@ -168,25 +175,20 @@ def launch(num_processes: int, args: list[str], devices: int = 0, port: int = 0,
             signal.signal(s, handler)
 
 
-def main(argv):
-    args = argv[1:]
-    if args and args[0] == "--":
-        args = args[1:]
-    return launch(
-        _NUM_PROCESSES.value, args, _DEVICES.value, _PORT.value, _GRACE_S.value, _MODULE.value
-    )
-
-
 def run() -> None:
     """The launcher's entry point: one-line errors like every cnnjax tool, but no JAX here."""
+    values = define_flags()
 
-    def guarded(argv):
+    def main(argv):
+        args = argv[1:]
+        if args and args[0] == "--":
+            args = args[1:]
         try:
-            return main(argv)
+            return launch(**{k: v.value for k, v in values.items()}, args=args)
         except ConfigError as e:
             cli.fail(str(e), e)
 
-    app.run(guarded, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
