@@ -13,18 +13,39 @@ from cnnjax import parallel, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# ``sys.modules[name] = None`` makes every later ``import name`` raise ImportError.
-NO_TENSORFLOW = """
+# Every import finder wrapped so that it does not find TensorFlow: to ``import`` and to
+# ``importlib.util.find_spec`` alike, TensorFlow looks not installed. (``sys.modules["tensorflow"]
+# = None`` is not that: TFDS takes the key's presence for an imported TensorFlow.)
+BLOCK = """
 import sys
-sys.modules["tensorflow"] = None
+
+class Hide:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(name, path, target) if find else None
+
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+"""
+NO_TENSORFLOW = (
+    BLOCK
+    + """
 from cnnjax import configs, trainer
 config = configs.get("tiny")
 config.data.data_dir = sys.argv[1]
 config.num_epochs = 1
 line = trainer.train_and_evaluate(config, sys.argv[2])
-assert "tensorflow" not in [m for m, v in sys.modules.items() if v is not None], "imported"
+assert "tensorflow" not in sys.modules, "imported"
 print("test_accuracy", line["test_accuracy"])
 """
+)
 
 
 @pytest.mark.slow
@@ -40,7 +61,8 @@ def test_resident_training_runs_with_tensorflow_unimportable(tiny_config, tmp_pa
 
 
 def test_the_shim_does_block_tensorflow():
-    """The shim above is a real block: with it, importing TensorFlow fails."""
-    code = 'import sys; sys.modules["tensorflow"] = None\nimport tensorflow'
+    """The hook above is a real block: with it, importing TensorFlow fails."""
+    code = BLOCK + "import importlib.util\nassert importlib.util.find_spec('tensorflow') is None\n"
+    code += "import tensorflow.python"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 1 and "ImportError" in out.stderr
+    assert out.returncode == 1 and "No module named 'tensorflow'" in out.stderr
