@@ -5,7 +5,6 @@ on the device and are fetched once per ``log_every_steps`` and once per epoch.
 """
 
 import dataclasses
-import itertools
 import json
 import time
 from functools import partial
@@ -233,10 +232,12 @@ def stream_train(run: Run, epoch: int):
         image_size=c.data.image_size,
         limit=c.data.limit_examples,
     )
-    # Every process stops after the same number of steps (each is a collective); its shard of
-    # n examples holds at least n // batch_size batches of batch_size // processes.
-    for batch in itertools.islice(batches, run.steps_per_epoch):
-        yield parallel.host_to_global(batch, run.mesh)
+    # Every process runs the same number of steps (each is a collective); its shard of n
+    # examples holds at least n // batch_size batches of batch_size // processes. The rest is
+    # read and dropped: an unfinished tf.data iterator would discard TFDS's cache with a warning.
+    for i, batch in enumerate(batches):
+        if i < run.steps_per_epoch:
+            yield parallel.host_to_global(batch, run.mesh)
 
 
 def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_steps import assert_within_ulps
 
-from cnnjax import checkpoint, distributed, launch, metrics, parallel
+from cnnjax import checkpoint, distributed, evaluation, launch, metrics, parallel
 from cnnjax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +289,23 @@ def test_fake_devices_get_enough_cpu_threads():
     kept = {"XLA_FLAGS": env["XLA_FLAGS"], "NPROC": "3"}
     assert parallel.size_cpu_thread_pools(kept) is None and kept["NPROC"] == "3"
     assert parallel.size_cpu_thread_pools({"XLA_FLAGS": ""}) is None
+
+
+@pytest.mark.slow
+def test_streamed_evaluation_counts_every_example_once(fmnist_data_dir, tmp_path):
+    """A streamed dataset over 2 processes: 201 examples per split make shards of 101 and 100,
+    6 and 5 eval batches of 20 per process, so process 1 runs one fully masked batch to keep the
+    collectives in step. Its validation metrics equal one process's ``evaluate_run`` of the same
+    checkpoint. Tolerance for the loss: the same per-example losses summed in another order,
+    about sqrt(201) = 14 float32 ulps (1.7e-6) of the sum; rtol 1e-5 also allows a few ulps of
+    difference per example from the other batch layout."""
+    workdir = tmp_path / "run"
+    args = ["--config=tiny", f"--config.data.data_dir={fmnist_data_dir}", "--config.num_epochs=1"]
+    args += ["--config.data.in_memory=no", "--config.data.limit_examples=201"]
+    args += ["--config.data.eval_batch_size=40"]
+    launch_run(workdir, args)
+    (line,) = metrics.read_lines(workdir)
+    assert line["step"] == 201 // 32
+    alone = evaluation.evaluate_run(workdir, split="validation")
+    assert line["eval_accuracy"] == alone["eval_accuracy"]
+    np.testing.assert_allclose(line["eval_loss"], alone["eval_loss"], rtol=1e-5)
