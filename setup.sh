@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Installs cnnjax into the current Python (`bash setup.sh test` adds the test tools). On a machine
-# without internet, TFDS cannot download Fashion-MNIST: as root with apt, this also installs
-# Debian's copy of the original files, which cnnjax finds by itself.
+# Installs cnnjax into the current Python: `bash setup.sh` (CPU), `bash setup.sh test` (adds the
+# test tools), `bash setup.sh cuda` (jax with its CUDA 12 runtime, for NVIDIA GPUs) or
+# `bash setup.sh tpu` (jax with libtpu, on a Cloud TPU VM): the extras of pyproject.toml, so the
+# accelerator's jax stays in the project's pinned jax range. On a machine without internet, TFDS
+# cannot download Fashion-MNIST: as root with apt, this also installs Debian's copy of the
+# original files, which cnnjax finds by itself.
 set -euo pipefail
 cd "$(dirname "$0")"
-extras=""
-if [ "${1:-}" = "test" ]; then extras="[test]"; fi
+case "${1:-}" in
+  "") extras="" ;;
+  test | cuda | tpu) extras="[$1]" ;;
+  *) echo "setup.sh: unknown option '$1'; use one of: test, cuda, tpu" >&2; exit 2 ;;
+esac
 python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 if [ "${1:-}" = "test" ]; then
   # tests/test_pretrained.py compares with torchvision's models (CPU torch).
@@ -13,6 +19,10 @@ if [ "${1:-}" = "test" ]; then
   # The index has torchvision only as CUDA builds, whose dependencies would pull a CUDA torch;
   # --no-deps keeps the CPU torch (tests/torchvision_models.py imports it without its ops).
   python -m pip install --quiet --no-deps "torchvision==0.28.0"
+fi
+if [ "${1:-}" = "cuda" ] || [ "${1:-}" = "tpu" ]; then
+  # What JAX will run on; a missing driver or runtime shows here, not in the first training step.
+  python -c "import jax; print('setup.sh: jax', jax.__version__, 'on', jax.devices())"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

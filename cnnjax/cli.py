@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from cnnjax import configs
+from cnnjax import configs, parallel
 from cnnjax.errors import CnnjaxError, ConfigError
 
 TRACEBACK_ENV = "CNNJAX_TRACEBACK"  # "1": print the traceback of a user error as well
@@ -210,13 +210,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def prepare_process() -> None:
-    """XLA flags, compilation cache and log levels: the same for every entry point."""
+    """XLA flags, CPU thread pools, the multi-process runtime (``cnnjax.distributed``, where the
+    tool defines its flags), compilation cache and log levels."""
     if not flags.FLAGS["verbosity"].present:  # --verbosity=N (absl's own flag) still wins
         # Orbax's and absl's info and warnings (e.g. "read-only manager saves nothing") are
         # not for the terminal.
         logging.set_verbosity(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     configure_xla()
+    parallel.size_cpu_thread_pools()
+    if "coordinator_address" in flags.FLAGS:  # the tools that define cnnjax.distributed's flags
+        from cnnjax import distributed
+
+        distributed.initialize_from_flags()  # before anything creates JAX's backends
     enable_compilation_cache()
 
 

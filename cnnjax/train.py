@@ -3,6 +3,9 @@
 
 With no flags it trains the ``default`` preset (Fashion-MNIST) into ``checkpoints/default``.
 Running the same command again resumes from the latest checkpoint in the workdir.
+Multi-process: ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every
+process (``python -m cnnjax.launch`` does it on one machine), or nothing under SLURM, Open MPI
+and Cloud TPU (``cnnjax.distributed``).
 """
 
 import sys
@@ -12,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax import cli, configs, trainer
+from cnnjax import distributed as _distributed  # noqa: F401  (the multi-process flags)
 
 # accept_new_attributes: model attributes (--config.model.small_input=True) need not be in the
 # preset; every other unknown key is refused by configs.check_keys, naming the closest one.

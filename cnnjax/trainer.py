@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import psutil
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cnnjax import checkpoint, configs, evaluation, models, optim, parallel, plots, steps, transfer
@@ -90,10 +91,22 @@ def check_workdir(config, workdir: Path) -> None:
         saved_path.write_text(config.to_json_best_effort(indent=2))
 
 
+def prepared_builder(config):
+    """The dataset's TFDS builder, prepared by process 0 before the other processes look (they
+    would otherwise all download and convert it into the same data_dir at once)."""
+    d = config.data
+    make = lambda: tfds_lib.builder(config.dataset, d.data_dir, d.local_dir, d.download)
+    if jax.process_count() == 1:
+        return make()
+    builder = make() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("cnnjax: dataset prepared")
+    return builder or make()
+
+
 def load_data(config, mesh) -> Data:
     """Prepares the dataset and, when it fits, puts it on the device whole."""
     d = config.data
-    builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir, d.download)
+    builder = prepared_builder(config)
     sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
     roles = pipeline.split_names(sizes, d.validation_fraction)
     if not pipeline.fits_in_memory(builder, d.in_memory, d.in_memory_max_bytes):
@@ -220,8 +233,12 @@ def stream_train(run: Run, epoch: int):
         image_size=c.data.image_size,
         limit=c.data.limit_examples,
     )
-    for batch in batches:
-        yield parallel.host_to_global(batch, run.mesh)
+    # Every process runs the same number of steps (each is a collective); its shard of n
+    # examples holds at least n // batch_size batches of batch_size // processes. The rest is
+    # read and dropped: an unfinished tf.data iterator would discard TFDS's cache with a warning.
+    for i, batch in enumerate(batches):
+        if i < run.steps_per_epoch:
+            yield parallel.host_to_global(batch, run.mesh)
 
 
 def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):

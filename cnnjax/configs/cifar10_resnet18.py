@@ -3,6 +3,11 @@
 Run:
     python -m cnnjax.train --config=cifar10_resnet18 --workdir=checkpoints/cifar10_resnet18
 
+On a GPU or TPU add ``--config.dtype=bfloat16``: convolutions and matmuls compute in bfloat16
+while the parameters, optimizer state and BatchNorm statistics stay float32 (``dtype`` is the
+compute dtype). The preset keeps float32 so that its numbers are the same on every platform, and
+``dtype`` is part of a run's identity: a workdir resumes only with the dtype it started with.
+
 Expected: ~95% test accuracy after 100 epochs (standard recipe; no augmentation beyond what the
 config enables).
 """
