@@ -416,8 +416,8 @@ def load_inputs(
 def dataset_batch(config, info, num_images: int, split: str = "test") -> dict:
     """The first ``num_images`` examples (uint8 ``image``, int ``label``) of a run's ``split``.
 
-    Reads only those examples (through the streaming pipeline, resized as in training when
-    the run sets ``data.image_size``) rather than the whole dataset.
+    Reads only those examples (through the streaming pipeline, resized to ``data.image_size``
+    when training streamed the dataset too) rather than the whole dataset.
     """
     from cnnjax.data import pipeline
     from cnnjax.data import tfds as tfds_lib
@@ -425,6 +425,9 @@ def dataset_batch(config, info, num_images: int, split: str = "test") -> dict:
     d = config.data
     builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir, d.download)
     n = min(num_images, info.num_examples[split])
+    # data.image_size resizes in tf.data only where training streamed the dataset; resident
+    # datasets are resized (if at all) by the run's preprocessing, on the device.
+    resident = pipeline.fits_in_memory(builder, d.in_memory, d.in_memory_max_bytes)
     batches = pipeline.stream_batches(
         builder,
         info.splits[split],
@@ -432,7 +435,7 @@ def dataset_batch(config, info, num_images: int, split: str = "test") -> dict:
         seed=0,
         epoch=0,
         train=False,
-        image_size=d.get("image_size"),
+        image_size=None if resident else d.get("image_size"),
         limit=n,
     )
     batch = next(batches)

@@ -9,6 +9,7 @@ another run inherits that run's.
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +34,16 @@ class TorchvisionWeights:
     source: str = "DEFAULT"
 
 
-def parse_torchvision(init_from: str | None) -> TorchvisionWeights | None:
+def parse_torchvision(init_from: str | os.PathLike | None) -> TorchvisionWeights | None:
     """The torchvision weights ``init_from`` names, or None for a workdir (or nothing).
 
     Raises:
       ConfigError: ``torchvision:`` without a model name.
       UnknownNameError: a name without torchvision weights.
     """
-    if not init_from or not init_from.startswith(TORCHVISION):
+    if not init_from or isinstance(init_from, os.PathLike):
+        return None
+    if not init_from.startswith(TORCHVISION):
         return None
     from cnnjax import pretrained
 
@@ -155,7 +158,7 @@ def merge(fresh, pretrained, what: str, source: str = "the pretrained run"):
     return merged
 
 
-def load_pretrained(state, init_from: str):
+def load_pretrained(state, init_from: str | os.PathLike):
     """``state`` with params and batch_stats loaded from ``init_from``: a workdir's best
     checkpoint or ``torchvision:NAME[:SOURCE]`` (the EMA too, when kept); a head of another
     class count stays fresh; optimizer state and step stay fresh."""

@@ -141,6 +141,19 @@ def test_predictor_applies_the_runs_preprocessing(run, fmnist_data_dir):
 
 
 @pytest.mark.slow
+def test_inspection_feeds_the_model_what_training_did(run, fmnist_data_dir):
+    from cnnjax import inspection
+
+    _, workdir = run
+    images, labels = inspection.load_inputs(inspection.load_model(workdir), num_images=4)
+    builder = pipeline.tfds_lib.builder("fashion_mnist", fmnist_data_dir)
+    raw = pipeline.load_arrays(builder, "test", limit=4)
+    np.testing.assert_array_equal(labels, raw["label"])
+    # Same float32 ops on values of magnitude ~2: a few ulp (2.4e-7 each).
+    np.testing.assert_allclose(images, reference_inputs(raw["image"]), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_evaluate_run_scores_like_the_trainer(run):
     _, workdir = run
     last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
