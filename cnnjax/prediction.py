@@ -1,9 +1,11 @@
 """Prediction: a trained run's model as a ``Predictor`` of uint8 images, image files read and
 converted to what the model was trained on, and top-k results.
 
-``python -m cnnjax.predict`` is the command line; ``predict_files`` and ``load_predictor`` are
-what it calls. The dataset itself is never loaded: ``checkpoint.load_run`` restores the model
-from ``WORKDIR/config.json``, ``WORKDIR/dataset.json`` and a checkpoint.
+``python -m cnnjax.predict`` is the command line; ``predict_files`` and ``load_predictor`` (or
+``load_pretrained_predictor``: torchvision's ImageNet classifiers) are what it calls. Images go
+through the run's ``Preprocess`` (``cnnjax.preprocessing``), as in training. The dataset itself
+is never loaded: ``checkpoint.load_run`` restores the model from ``WORKDIR/config.json``,
+``WORKDIR/dataset.json`` and a checkpoint.
 """
 
 import dataclasses
