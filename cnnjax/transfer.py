@@ -69,8 +69,15 @@ def check_init_from(config) -> None:
             f"init_from={config.init_from} holds {spec.name} weights but the model is "
             f"{config.model.name}: add --config.model.name={spec.name}"
         )
+    from cnnjax import pretrained
     from cnnjax.pretrained import hub
 
+    # Attributes torchvision builds the model with for its weights (GoogLeNet's input transform).
+    for key, value in pretrained.MODEL_DEFAULTS.get(spec.name, {}).items():
+        if config.model.get(key) != value:
+            raise ConfigError(
+                f"{spec.name}'s torchvision weights expect --config.model.{key}={value}"
+            )
     hub.locate(spec.name, spec.source)
 
 

@@ -296,6 +296,14 @@ def test_the_model_must_be_the_weights():
         transfer.check_init_from(spec_config("torchvision:resnet50", model="simple_cnn"))
 
 
+def test_googlenet_needs_the_input_transform_its_weights_expect():
+    config = spec_config("torchvision:googlenet", model="googlenet")
+    with pytest.raises(ConfigError, match="expect --config.model.transform_input=True"):
+        transfer.check_init_from(config)
+    config.model.transform_input = True
+    transfer.check_init_from(config)
+
+
 def test_another_architecture_names_the_mismatching_parameters(resnet18_file):
     from cnnjax import models
     from cnnjax.train_state import TrainState
