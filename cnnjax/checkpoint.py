@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from cnnjax import configs, models, parallel
+from cnnjax import configs, models, parallel, preprocessing
 from cnnjax.data.pipeline import DatasetInfo
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.train_state import TrainState, init_variables, path_str
@@ -135,9 +135,9 @@ def load_dataset_info(workdir: Path) -> DatasetInfo:
     return DatasetInfo.load(path)
 
 
-def model_input_shape(config, info: DatasetInfo) -> tuple[int, int, int]:
-    """(H, W, C) of the model's inputs: the dataset's image shape, or ``data.image_size`` for a
-    dataset of variable-size images."""
+def data_image_shape(config, info: DatasetInfo) -> tuple[int, int, int]:
+    """(H, W, C) of the uint8 images the input pipeline yields: the dataset's image shape, or
+    ``data.image_size`` for a dataset of variable-size images."""
     shape = tuple(info.image_shape)
     if None not in shape:
         return shape
@@ -145,6 +145,12 @@ def model_input_shape(config, info: DatasetInfo) -> tuple[int, int, int]:
     if not size or shape[-1] is None:
         raise ConfigError(f"run trained on images of variable shape {shape} without image_size")
     return (size, size, shape[-1])
+
+
+def model_input_shape(config, info: DatasetInfo) -> tuple[int, int, int]:
+    """(H, W, C) of the model's inputs: the pipeline's images after the run's preprocessing
+    (resized and RGB for a run from torchvision weights; unchanged otherwise)."""
+    return preprocessing.of(info).output_shape(data_image_shape(config, info))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +174,18 @@ class TrainedRun:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of the images the model takes."""
+        """(H, W, C) of the images the model takes (after ``preprocess``)."""
         return model_input_shape(self.config, self.info)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the uint8 images ``preprocess`` takes (the dataset's, as trained on)."""
+        return data_image_shape(self.config, self.info)
+
+    @property
+    def preprocess(self) -> preprocessing.Preprocess:
+        """uint8 images -> model inputs, as the run was trained."""
+        return preprocessing.of(self.info)
 
     @property
     def variables(self) -> dict:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import checkpoint, parallel, plots, steps
+from cnnjax import checkpoint, parallel, plots, preprocessing, steps
 from cnnjax import metrics as metrics_lib
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
@@ -23,16 +23,17 @@ METRIC_KEYS = ("loss", "correct", "count")
 
 
 def prepare_fn(info: pipeline.DatasetInfo, mesh, dtype):
-    """``batch -> batch`` on the device: split over the mesh, uint8 images normalised with the
-    training statistics into ``dtype``."""
-    mean, std = jnp.asarray(info.mean), jnp.asarray(info.std)
+    """``batch -> batch`` on the device: split over the mesh, uint8 images through the run's
+    preprocessing (``preprocessing.of(info)``: normalised with the training statistics, or
+    the pretrained weights' resize, channels and mean/std) into ``dtype``."""
+    preprocess = preprocessing.of(info)
     to_batch_sharding = partial(
         jax.lax.with_sharding_constraint, shardings=parallel.batch_sharding(mesh)
     )
 
     def prepare(batch):
         batch = to_batch_sharding(batch)
-        return {**batch, "image": steps.normalize(batch["image"], mean, std, dtype)}
+        return {**batch, "image": preprocess.apply(batch["image"], dtype)}
 
     return prepare
 

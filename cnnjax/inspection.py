@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cnnjax import checkpoint, models, plots, prediction, steps
+from cnnjax import checkpoint, models, plots, prediction, preprocessing, steps
 from cnnjax.errors import ConfigError, unknown_name
+from cnnjax.preprocessing import Preprocess
 from cnnjax.train_state import init_variables
 
 # --------------------------------------------------------------------------------------------
@@ -393,13 +394,20 @@ def load_inputs(
       UnreadableImageError: a file cannot be read (one line naming the file).
     """
     info = loaded.info
-    mean, std = (info.mean, info.std) if info else ((0.0,), (1.0,))
+    # A run's own preprocessing (a run from torchvision weights resizes and makes RGB).
+    preprocess = preprocessing.of(info) if info else Preprocess.normalize_only((0.0,), (1.0,))
     if image_files:
-        raw = np.stack([prediction.load_image(f, loaded.image_shape) for f in image_files])
-        return steps.normalize(raw, jnp.asarray(mean), jnp.asarray(std)), None
+        shape = checkpoint.data_image_shape(loaded.config, info) if info else loaded.image_shape
+        raw = np.stack(
+            [
+                prediction.load_image(f, shape, preprocess.resize_size, preprocess.method)
+                for f in image_files
+            ]
+        )
+        return preprocess.apply(jnp.asarray(raw)), None
     if loaded.config is not None:
         batch = dataset_batch(loaded.config, info, num_images, split)
-        images = steps.normalize(batch["image"], jnp.asarray(mean), jnp.asarray(std))
+        images = preprocess.apply(jnp.asarray(batch["image"]))
         return images, jnp.asarray(batch["label"], jnp.int32)
     shape = (num_images, *loaded.image_shape)
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32), None
@@ -408,8 +416,8 @@ def load_inputs(
 def dataset_batch(config, info, num_images: int, split: str = "test") -> dict:
     """The first ``num_images`` examples (uint8 ``image``, int ``label``) of a run's ``split``.
 
-    Reads only those examples (through the streaming pipeline, resized as in training when
-    the run sets ``data.image_size``) rather than the whole dataset.
+    Reads only those examples (through the streaming pipeline, resized to ``data.image_size``
+    when training streamed the dataset too) rather than the whole dataset.
     """
     from cnnjax.data import pipeline
     from cnnjax.data import tfds as tfds_lib
@@ -417,6 +425,9 @@ def dataset_batch(config, info, num_images: int, split: str = "test") -> dict:
     d = config.data
     builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir, d.download)
     n = min(num_images, info.num_examples[split])
+    # data.image_size resizes in tf.data only where training streamed the dataset; resident
+    # datasets are resized (if at all) by the run's preprocessing, on the device.
+    resident = pipeline.fits_in_memory(builder, d.in_memory, d.in_memory_max_bytes)
     batches = pipeline.stream_batches(
         builder,
         info.splits[split],
@@ -424,7 +435,7 @@ def dataset_batch(config, info, num_images: int, split: str = "test") -> dict:
         seed=0,
         epoch=0,
         train=False,
-        image_size=d.get("image_size"),
+        image_size=None if resident else d.get("image_size"),
         limit=n,
     )
     batch = next(batches)

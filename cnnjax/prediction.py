@@ -1,9 +1,11 @@
 """Prediction: a trained run's model as a ``Predictor`` of uint8 images, image files read and
 converted to what the model was trained on, and top-k results.
 
-``python -m cnnjax.predict`` is the command line; ``predict_files`` and ``load_predictor`` are
-what it calls. The dataset itself is never loaded: ``checkpoint.load_run`` restores the model
-from ``WORKDIR/config.json``, ``WORKDIR/dataset.json`` and a checkpoint.
+``python -m cnnjax.predict`` is the command line; ``predict_files`` and ``load_predictor`` (or
+``load_pretrained_predictor``: torchvision's ImageNet classifiers) are what it calls. Images go
+through the run's ``Preprocess`` (``cnnjax.preprocessing``), as in training. The dataset itself
+is never loaded: ``checkpoint.load_run`` restores the model from ``WORKDIR/config.json``,
+``WORKDIR/dataset.json`` and a checkpoint.
 """
 
 import dataclasses
@@ -15,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import checkpoint, steps
+from cnnjax import checkpoint, parallel, steps
 from cnnjax.errors import CnnjaxError, ConfigError
+from cnnjax.preprocessing import Preprocess
 from cnnjax.train_state import TrainState
 
 MAX_BATCH = 256  # images per jitted call; batches are padded to a power of two up to this
@@ -31,11 +34,14 @@ class UnreadableImageError(CnnjaxError, ValueError):
         self.path, self.reason = str(path), reason
 
 
-@partial(jax.jit, static_argnames=("dtype", "flip_tta"))
-def probabilities(state: TrainState, images, mean, std, dtype=jnp.float32, flip_tta=False):
+@partial(jax.jit, static_argnames=("preprocess", "dtype", "flip_tta"))
+def probabilities(
+    state: TrainState, images, preprocess: Preprocess, dtype=jnp.float32, flip_tta=False
+):
     """Eval-mode class probabilities (N, K) of uint8 ``images`` (N, H, W, C), computed as
-    evaluation computes its logits (EMA weights, flip TTA when the run uses them)."""
-    x = steps.normalize(images, mean, std, dtype)
+    evaluation computes its logits (the run's preprocessing, EMA weights, flip TTA when the run
+    uses them)."""
+    x = preprocess.apply(images, dtype)
     logits = steps.predict_logits(state, x, flip_tta=flip_tta)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
@@ -51,10 +57,9 @@ class Predictor:
     """A restored model ready to classify uint8 images of ``image_shape``."""
 
     state: TrainState  # replicated over the mesh
-    image_shape: tuple[int, int, int]  # (H, W, C) the model was trained on
+    image_shape: tuple[int, int, int]  # (H, W, C) of the uint8 images, as trained on
     class_names: tuple[str, ...]
-    mean: jax.Array  # (C,) normalisation of the training data, [0, 1] units
-    std: jax.Array
+    preprocess: Preprocess  # uint8 images -> model inputs, as the run was trained
     dtype: str  # compute dtype of the run
     step: int  # checkpoint step
     flip_tta: bool = False  # average with the mirror image, as the run's evaluation does
@@ -81,7 +86,7 @@ class Predictor:
             batch = np.zeros((size, *chunk.shape[1:]), np.uint8)
             batch[: len(chunk)] = chunk
             probs = probabilities(
-                self.state, batch, self.mean, self.std, jnp.dtype(self.dtype), self.flip_tta
+                self.state, batch, self.preprocess, jnp.dtype(self.dtype), self.flip_tta
             )
             out.append(np.asarray(probs)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
@@ -96,19 +101,61 @@ def load_predictor(workdir, step: int | None = None) -> Predictor:
     run = checkpoint.load_run(workdir, step)
     return Predictor(
         state=run.state,
-        image_shape=run.input_shape,
+        image_shape=run.image_shape,
         class_names=tuple(run.info.class_names),
-        mean=jnp.asarray(run.info.mean, jnp.float32),
-        std=jnp.asarray(run.info.std, jnp.float32),
+        preprocess=run.preprocess,
         dtype=run.config.dtype,
         step=run.step,
         flip_tta=bool(run.config.get("flip_tta", False)),
     )
 
 
-def load_image(path, image_shape) -> np.ndarray:
+def load_pretrained_predictor(name: str, weights: str = "DEFAULT") -> Predictor:
+    """torchvision's ImageNet classifier ``name`` (``cnnjax.pretrained.load``) as a Predictor of
+    uint8 (crop, crop, 3) images, with the weights' preprocessing and ImageNet's class names.
+
+    Args:
+      weights: a torchvision tag, a ``.pth``/``.pt``/``.safetensors`` file or a URL; a file or
+        URL is preprocessed as the name's ``DEFAULT`` weights are.
+
+    Raises:
+      UnknownNameError: no torchvision weights for ``name``, or an unknown tag.
+      ConfigError: the weights' classifier does not have ImageNet's 1000 classes.
+      WeightsUnavailableError, WeightsFileError, PretrainedMismatchError: see ``pretrained.load``.
+    """
+    from cnnjax import pretrained, transfer
+
+    spec = transfer.TorchvisionWeights(name, weights)
+    t = transfer.weights_transform(spec)
+    model, variables = pretrained.load(name, weights)
+    classes = pretrained.imagenet_classes()
+    num_classes = int(np.shape(variables["params"]["head"]["fc"]["bias"])[0])
+    if num_classes != len(classes):
+        raise ConfigError(
+            f"{name} weights {weights} classify {num_classes} classes, not ImageNet's "
+            f"{len(classes)}: predict with a run trained from them (--workdir) instead"
+        )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=None,
+        opt_state=None,
+        batch_stats=variables["batch_stats"],
+    )
+    state = jax.device_put(state, parallel.replicated(parallel.make_mesh()))
+    preprocess = Preprocess(t.mean, t.std, t.crop_size, 3, t.interpolation, t.resize_size)
+    shape = (t.crop_size, t.crop_size, 3)
+    return Predictor(state, shape, classes, preprocess, "float32", step=0)
+
+
+def load_image(
+    path, image_shape, resize_size: int | None = None, method: str = "bilinear"
+) -> np.ndarray:
     """An image file as uint8 (H, W, C) of ``image_shape``: channels converted (grey <-> RGB,
-    alpha dropped), resized bilinearly, EXIF orientation applied.
+    alpha dropped), EXIF orientation applied, resized with ``method`` (PIL's filter) to (H, W),
+    or, with ``resize_size``, its shorter side resized to ``resize_size`` and the centre (H, W)
+    cropped (torchvision's ImageNet evaluation transform).
 
     Raises:
       UnreadableImageError: missing, unreadable, or not an image (one line naming the file).
@@ -121,8 +168,8 @@ def load_image(path, image_shape) -> np.ndarray:
         raise ConfigError(f"cannot convert image files to {c} channels (only 1 or 3)")
     try:
         with Image.open(path) as img:
-            img = _to_8bit(ImageOps.exif_transpose(img))
-            img = img.convert(_CHANNEL_MODES[c]).resize((w, h), Image.Resampling.BILINEAR)
+            img = _to_8bit(ImageOps.exif_transpose(img)).convert(_CHANNEL_MODES[c])
+            img = _resize(img, (h, w), resize_size, Image.Resampling[method.upper()])
             return np.asarray(img, np.uint8).reshape(h, w, c)
     except UnidentifiedImageError:
         reason = "not an image PIL can read (PNG, JPEG, ...)"
@@ -136,6 +183,23 @@ def load_image(path, image_shape) -> np.ndarray:
         text = str(e).strip()
         reason = f"unreadable image ({text.splitlines()[0] if text else type(e).__name__})"
     raise UnreadableImageError(path, reason)
+
+
+def _resize(img, shape: tuple[int, int], resize_size: int | None, resample):
+    """``img`` resized to ``shape`` (H, W), or shorter side to ``resize_size`` then centre-cropped
+    as torchvision's ``Resize(resize_size)`` and ``CenterCrop`` do."""
+    h, w = shape
+    if resize_size is None:
+        return img.resize((w, h), resample)
+    width, height = img.size
+    # torchvision: the shorter side becomes resize_size, the longer int(resize_size * ratio).
+    if width <= height:
+        new_w, new_h = resize_size, int(resize_size * height / width)
+    else:
+        new_w, new_h = int(resize_size * width / height), resize_size
+    img = img.resize((new_w, new_h), resample)
+    top, left = int(round((new_h - h) / 2.0)), int(round((new_w - w) / 2.0))
+    return img.crop((left, top, left + w, top + h))
 
 
 def _to_8bit(img):
@@ -166,9 +230,10 @@ def predict_files(predictor: Predictor, paths, top_k: int = 3) -> list[dict]:
     All readable images go through the model together, in as few jitted calls as possible.
     """
     results, images, good = [], [], []
+    p = predictor.preprocess
     for path in paths:
         try:
-            images.append(load_image(path, predictor.image_shape))
+            images.append(load_image(path, predictor.image_shape, p.resize_size, p.method))
         except UnreadableImageError as e:
             results.append({"file": str(path), "error": e.reason})
         else:
@@ -187,10 +252,37 @@ def format_result(result: dict) -> str:
     return f"{result['file']}: {top}"
 
 
-def report(workdir, paths, step: int | None = None, top_k: int = 3, as_json: bool = False) -> int:
-    """Predicts ``paths`` with a run and prints one line per image (or one JSON list); each
-    unreadable file gets ``error: FILE: reason`` on stderr. Returns the exit status: 1 when a
-    file could not be read, else 0.
+def open_predictor(
+    workdir, step: int | None = None, pretrained: str | None = None, weights: str | None = None
+) -> Predictor:
+    """A run's predictor, or with ``pretrained`` (a torchvision name) that ImageNet classifier
+    with ``weights`` (default ``DEFAULT``).
+
+    Raises:
+      ConfigError: ``weights`` without ``pretrained``, or ``step`` with it.
+    """
+    if pretrained is None:
+        if weights is not None:
+            raise ConfigError("--weights needs --pretrained=NAME (e.g. --pretrained=resnet50)")
+        return load_predictor(workdir, step)
+    if step is not None:
+        raise ConfigError("--step picks a run's checkpoint; it does not go with --pretrained")
+    return load_pretrained_predictor(pretrained, weights or "DEFAULT")
+
+
+def report(
+    workdir,
+    paths,
+    step: int | None = None,
+    top_k: int = 3,
+    as_json: bool = False,
+    pretrained: str | None = None,
+    weights: str | None = None,
+) -> int:
+    """Predicts ``paths`` with a run (or torchvision's ``pretrained`` ImageNet classifier, see
+    ``open_predictor``) and prints one line per image (or one JSON list); each unreadable file
+    gets ``error: FILE: reason`` on stderr. Returns the exit status: 1 when a file could not be
+    read, else 0.
 
     Raises:
       ConfigError: no paths, or ``top_k`` < 1.
@@ -199,7 +291,8 @@ def report(workdir, paths, step: int | None = None, top_k: int = 3, as_json: boo
         raise ConfigError("no IMAGE given: python -m cnnjax.predict --workdir=DIR IMAGE...")
     if top_k < 1:
         raise ConfigError(f"--top_k must be at least 1, got {top_k}")
-    results = predict_files(load_predictor(workdir, step), paths, top_k)
+    predictor = open_predictor(workdir, step, pretrained, weights)
+    results = predict_files(predictor, paths, top_k)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"error: {r['file']}: {r['error']}", file=sys.stderr)

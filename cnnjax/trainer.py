@@ -71,6 +71,7 @@ def validate_names(config) -> None:
     optim.OPTIMIZERS.check(config.optimizer)
     optim.SCHEDULES.check(config.schedule)
     augment_lib.parse(config.augment)
+    transfer.check_init_from(config)
 
 
 def check_workdir(config, workdir: Path) -> None:
@@ -187,24 +188,29 @@ def initial_state(config, model, tx, input_shape, mesh):
     return jax.device_put(state, parallel.replicated(mesh))
 
 
-def restore_target(config, model, tx, image_shape, mesh):
+def restore_target(config, model, tx, input_shape, mesh):
     """The abstract TrainState a checkpoint of ``config`` restores into, replicated on ``mesh``
     (the optimizer fixes the structure of ``opt_state``, not its values)."""
     options = state_options(config)
-    target = abstract_train_state(model, tx, jax.random.key(0), image_shape, **options)
+    target = abstract_train_state(model, tx, jax.random.key(0), input_shape, **options)
     return checkpoint.abstract_with_sharding(target, parallel.replicated(mesh))
+
+
+def run_input_shape(run: Run) -> tuple[int, int, int]:
+    """(H, W, C) of the model's inputs (after the run's preprocessing)."""
+    return checkpoint.model_input_shape(run.config, run.data.info)
 
 
 def restore(run: Run, mngr, model, tx, step: int | None = None):
     """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated."""
-    target = restore_target(run.config, model, tx, run.data.info.image_shape, run.mesh)
+    target = restore_target(run.config, model, tx, run_input_shape(run), run.mesh)
     return checkpoint.restore(mngr, target, step)
 
 
 def restore_or_init(run: Run, mngr, model, tx):
     """Resumes from the latest checkpoint if there is one. Returns ``(state, epochs_done)``."""
     if mngr.latest_step() is None:
-        return initial_state(run.config, model, tx, run.data.info.image_shape, run.mesh), 0
+        return initial_state(run.config, model, tx, run_input_shape(run), run.mesh), 0
     state, meta = restore(run, mngr, model, tx)
     return state, int(meta["epoch"])
 
@@ -304,6 +310,7 @@ def setup(config, workdir: Path) -> Run:
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
     data = load_data(config, mesh)
+    data.info = transfer.run_info(config, data.info)  # torchvision weights' preprocessing
     steps_per_epoch = data.info.num_examples["train"] // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(

@@ -1,15 +1,128 @@
-"""Transfer learning: initialise a TrainState from another run's best checkpoint, by path."""
+"""Transfer learning: initialise a TrainState from another run's best checkpoint or from
+torchvision weights, by parameter path.
+
+``config.init_from`` is another run's workdir, or ``torchvision:NAME[:SOURCE]`` (SOURCE: a
+torchvision tag, default ``DEFAULT``; a ``.pth``/``.pt``/``.safetensors`` file; or a URL), read
+by ``cnnjax.pretrained.load``. The run's ``config.model.name`` must be NAME. A run from
+torchvision weights takes the weights' preprocessing (``run_info``); a run initialised from
+another run inherits that run's.
+"""
+
+import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cnnjax import checkpoint
-from cnnjax.errors import CheckpointError
+from cnnjax.errors import CheckpointError, ConfigError
+from cnnjax.preprocessing import Preprocess
 from cnnjax.train_state import path_str
 
 # Parameters under this prefix may change shape (a new classifier for another class count).
 HEAD = "head/"
+TORCHVISION = "torchvision:"
+SPEC_HELP = "torchvision:NAME[:TAG|FILE|URL], e.g. torchvision:resnet50:IMAGENET1K_V2"
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchvisionWeights:
+    """A parsed ``init_from=torchvision:NAME[:SOURCE]``."""
+
+    name: str
+    source: str = "DEFAULT"
+
+
+def parse_torchvision(init_from: str | os.PathLike | None) -> TorchvisionWeights | None:
+    """The torchvision weights ``init_from`` names, or None for a workdir (or nothing).
+
+    Raises:
+      ConfigError: ``torchvision:`` without a model name.
+      UnknownNameError: a name without torchvision weights.
+    """
+    if not init_from or isinstance(init_from, os.PathLike):
+        return None
+    if not init_from.startswith(TORCHVISION):
+        return None
+    from cnnjax import pretrained
+
+    name, _, source = init_from[len(TORCHVISION) :].partition(":")
+    if not name:
+        raise ConfigError(f"init_from={init_from!r} names no model; use {SPEC_HELP}")
+    pretrained.FAMILIES.check(name)
+    return TorchvisionWeights(name, source or "DEFAULT")
+
+
+def check_init_from(config) -> None:
+    """Fails before any data is read on a bad ``torchvision:`` spec: unknown name or tag, a
+    missing file, or a model that is not the weights'.
+
+    Raises:
+      ConfigError, UnknownNameError, WeightsFileError: one line each.
+    """
+    spec = parse_torchvision(config.init_from)
+    if spec is None:
+        return
+    if config.model.name != spec.name:
+        raise ConfigError(
+            f"init_from={config.init_from} holds {spec.name} weights but the model is "
+            f"{config.model.name}: add --config.model.name={spec.name}"
+        )
+    from cnnjax import pretrained
+    from cnnjax.pretrained import hub
+
+    # Attributes torchvision builds the model with for its weights (GoogLeNet's input transform).
+    for key, value in pretrained.MODEL_DEFAULTS.get(spec.name, {}).items():
+        if config.model.get(key) != value:
+            raise ConfigError(
+                f"{spec.name}'s torchvision weights expect --config.model.{key}={value}"
+            )
+    hub.locate(spec.name, spec.source)
+
+
+def weights_transform(spec: TorchvisionWeights):
+    """The table entry (sizes, mean, std, interpolation) of ``spec``'s weights; a file or URL
+    gets the transform of the name's ``DEFAULT`` weights (torchvision files carry none)."""
+    from cnnjax.pretrained import hub, weights
+
+    _, entry = hub.locate(spec.name, spec.source)
+    return entry if entry is not None else weights.resolve(spec.name, "DEFAULT")[1]
+
+
+def weights_preprocess(spec: TorchvisionWeights, image_size: int | None) -> Preprocess:
+    """The weights' preprocessing for a run: RGB, their mean/std, images resized on the device
+    to ``image_size`` (default: the weights' crop size)."""
+    t = weights_transform(spec)
+    return Preprocess(t.mean, t.std, image_size or t.crop_size, 3, t.interpolation)
+
+
+def run_preprocess(config) -> Preprocess | None:
+    """What a run's inputs go through besides normalisation with its data's statistics: the
+    weights' for ``torchvision:``, the source run's for a workdir (None: nothing else)."""
+    spec = parse_torchvision(config.init_from)
+    if spec is not None:
+        return weights_preprocess(spec, config.data.get("image_size"))
+    if config.init_from:
+        try:
+            return checkpoint.load_dataset_info(config.init_from).preprocess
+        except CheckpointError as e:
+            raise CheckpointError(f"init_from: {e}") from None
+    return None
+
+
+def run_info(config, info):
+    """``info`` (a ``DatasetInfo``) with the run's preprocessing recorded."""
+    preprocess = run_preprocess(config)
+    return info if preprocess is None else dataclasses.replace(info, preprocess=preprocess)
+
+
+def read_torchvision(spec: TorchvisionWeights) -> dict:
+    """``{"params", "batch_stats"}`` of torchvision weights (the file's own head)."""
+    from cnnjax import pretrained
+
+    _, variables = pretrained.load(spec.name, spec.source)
+    return variables
 
 
 def read_pretrained(workdir) -> dict:
@@ -22,7 +135,7 @@ def read_pretrained(workdir) -> dict:
     return {"params": run.state.params, "batch_stats": run.state.batch_stats}
 
 
-def merge(fresh, pretrained, what: str):
+def merge(fresh, pretrained, what: str, source: str = "the pretrained run"):
     """``fresh`` with every leaf that ``pretrained`` has at the same path and shape.
 
     Leaves under ``head/`` whose shape differs keep their fresh values (a new head).
@@ -46,17 +159,22 @@ def merge(fresh, pretrained, what: str):
     if mismatched:
         shown = ", ".join(mismatched[:8]) + (" ..." if len(mismatched) > 8 else "")
         raise CheckpointError(
-            f"init_from: {len(mismatched)} parameter(s) do not match the pretrained run "
+            f"init_from: {len(mismatched)} parameter(s) do not match {source} "
             f"(missing or other shape): {shown}; use a run of the same model"
         )
     return merged
 
 
-def load_pretrained(state, workdir):
-    """``state`` with params and batch_stats loaded from ``workdir``'s best checkpoint (the EMA
-    too, when kept); optimizer state and step stay fresh."""
-    pretrained = read_pretrained(workdir)
-    params = merge(state.params, pretrained["params"], "params")
-    stats = merge(state.batch_stats, pretrained["batch_stats"], "batch_stats")
+def load_pretrained(state, init_from: str | os.PathLike):
+    """``state`` with params and batch_stats loaded from ``init_from``: a workdir's best
+    checkpoint or ``torchvision:NAME[:SOURCE]`` (the EMA too, when kept); a head of another
+    class count stays fresh; optimizer state and step stay fresh."""
+    spec = parse_torchvision(init_from)
+    if spec is None:
+        pretrained, source = read_pretrained(init_from), "the pretrained run"
+    else:
+        pretrained, source = read_torchvision(spec), f"the {spec.name} weights"
+    params = merge(state.params, pretrained["params"], "params", source)
+    stats = merge(state.batch_stats, pretrained["batch_stats"], "batch_stats", source)
     ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)  # not donated twice
     return state.replace(params=params, batch_stats=stats, ema_params=ema)

@@ -57,7 +57,10 @@ def get_config() -> ConfigDict:
 
     # Transfer learning: start from another run's best checkpoint (matching paths; a new head
     # when num_classes differs), freeze a part, fine-tune another at a smaller learning rate.
-    c.init_from = config_dict.placeholder(str)  # another run's workdir
+    # Another run's workdir, or torchvision weights: "torchvision:NAME[:TAG|FILE|URL]" (model.name
+    # must be NAME; the run then takes the weights' preprocessing: RGB, ImageNet mean/std, images
+    # resized on the device to data.image_size, default the weights' crop size).
+    c.init_from = config_dict.placeholder(str)
     c.freeze = ""  # regex of frozen parameter paths, or "backbone" (everything but the head)
     c.finetune = ""  # regex of paths trained at learning_rate * finetune_lr_factor
     c.finetune_lr_factor = 0.1
@@ -71,7 +74,9 @@ def get_config() -> ConfigDict:
     c.data.validation_fraction = 0.1  # carved from train when the dataset has no validation split
     c.data.in_memory = "auto"  # auto | yes | no: keep the whole dataset on the device
     c.data.in_memory_max_bytes = 2 * 1024**3  # auto: datasets up to this size stay on device
-    c.data.image_size = config_dict.placeholder(int)  # streaming: resize to this (px); None: as is
+    # Streaming: resize to this (px) in tf.data; None: as is. From torchvision weights: the side
+    # the model sees (resized on the device), default the weights' crop size.
+    c.data.image_size = config_dict.placeholder(int)
     c.data.eval_batch_size = 1000
     c.data.limit_examples = 0  # keep only the first N examples of each split (0: all)
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import ConfigError
+from cnnjax.preprocessing import Preprocess
 
 STATS_SAMPLE = 10_000  # images used to estimate the per-channel mean and std
 ARRAY_CACHE = "cnnjax_arrays"  # folder in a prepared dataset's data_dir with decoded splits
@@ -50,15 +51,23 @@ class DatasetInfo:
     std: tuple[float, ...]
     splits: dict  # role (train/validation/test) -> TFDS split string
     num_examples: dict  # role -> number of examples
+    # How the model takes these images when it differs from normalising with mean/std (a run
+    # from torchvision weights); None: normalisation with mean/std only.
+    preprocess: Preprocess | None = None
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        d = dataclasses.asdict(self)
+        if d["preprocess"] is None:
+            del d["preprocess"]  # dataset.json of runs from scratch: as before
+        path.write_text(json.dumps(d, indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "DatasetInfo":
         d = json.loads(Path(path).read_text())
         d["image_shape"] = tuple(d["image_shape"])
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        preprocess = d.pop("preprocess", None)
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d, preprocess=None if preprocess is None else Preprocess.from_dict(preprocess))
 
 
 def split_names(split_sizes: dict, validation_fraction: float) -> dict:

@@ -7,6 +7,8 @@ same images (NCHW there), up to float32 rounding. Inputs are preprocessed as tor
 transforms do (``weights.WEIGHTS[name][tag]`` holds the sizes, mean and std).
 """
 
+import functools
+import importlib.resources
 import os
 from collections.abc import Callable, Mapping
 
@@ -32,7 +34,7 @@ from cnnjax.pretrained import (
 from cnnjax.pretrained.mapping import PretrainedMismatchError, StateDict, assemble
 from cnnjax.registry import Registry
 
-__all__ = ["FAMILIES", "PretrainedMismatchError", "from_state_dict", "load"]
+__all__ = ["FAMILIES", "PretrainedMismatchError", "from_state_dict", "imagenet_classes", "load"]
 
 Converter = Callable[[StateDict], dict]
 
@@ -57,6 +59,14 @@ HEAD = "params/head/fc"
 # Model attributes torchvision sets whenever it loads its weights: GoogLeNet's ImageNet weights
 # expect inputs re-normalised to mean = std = 0.5 (torchvision's ``transform_input=True``).
 MODEL_DEFAULTS: dict[str, dict] = {"googlenet": {"transform_input": True}}
+
+
+@functools.cache
+def imagenet_classes() -> tuple[str, ...]:
+    """ImageNet-1k's 1000 class names in the order of torchvision's classifiers
+    (``imagenet_classes.txt``, written from torchvision's ``_IMAGENET_CATEGORIES``)."""
+    text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text()
+    return tuple(text.splitlines())
 
 
 def load(
