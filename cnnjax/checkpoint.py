@@ -118,7 +118,10 @@ def _read_json(path: Path, what: str) -> dict:
 # The keys of a run's JSON files that opening the run reads.
 _REQUIRED = {
     "config.json": ("model", "dataset", "dtype", "data", "checkpointing"),
-    "dataset.json": tuple(f.name for f in dataclasses.fields(DatasetInfo)),
+    # Fields with a default (the preprocessing of runs from pretrained weights) are optional.
+    "dataset.json": tuple(
+        f.name for f in dataclasses.fields(DatasetInfo) if f.default is dataclasses.MISSING
+    ),
 }
 
 

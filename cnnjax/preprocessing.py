@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnnjax import steps
 from cnnjax.errors import ConfigError
@@ -54,7 +55,7 @@ class Preprocess:
     @classmethod
     def normalize_only(cls, mean, std) -> "Preprocess":
         """Normalisation only: a run trained from scratch."""
-        return cls(tuple(mean), tuple(std))
+        return cls(tuple(map(float, np.ravel(mean))), tuple(map(float, np.ravel(std))))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":

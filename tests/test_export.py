@@ -20,6 +20,7 @@ import pytest
 from cnnjax import checkpoint, export, prediction
 from cnnjax.errors import ConfigError
 from cnnjax.export import ExportError
+from cnnjax.preprocessing import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 3, 8)
@@ -163,12 +164,12 @@ def test_saved_model_signature_and_symbolic_batch(fresh):
 
 @pytest.mark.slow
 def test_export_uses_the_ema_weights_and_flip_tta(fresh, run, images):
-    mean, std = jnp.asarray(run.info.mean), jnp.asarray(run.info.std)
+    pre = run.preprocess
     exported = fresh[f"stablehlo_{max(BATCHES)}"]
     raw_params = run.state.replace(ema_params=None)
     variants = {
-        "raw params": prediction.probabilities(raw_params, images, mean, std, jnp.float32, True),
-        "no flip TTA": prediction.probabilities(run.state, images, mean, std, jnp.float32, False),
+        "raw params": prediction.probabilities(raw_params, images, pre, jnp.float32, True),
+        "no flip TTA": prediction.probabilities(run.state, images, pre, jnp.float32, False),
     }
     for name, probs in variants.items():
         assert np.abs(exported - np.asarray(probs)).max() > 1e-2, name
@@ -332,7 +333,7 @@ def test_export_model_with_batch_norm_and_rgb_normalisation(tmp_path):
     export.export_model(model, variables, shape, mean, std, list("abcde"), out, platforms=("cpu",))
     images = rng.integers(0, 256, (3, *shape), dtype=np.uint8)
     state = TrainState(step=0, apply_fn=model.apply, tx=None, opt_state=None, **variables)
-    expected = prediction.probabilities(state, images, jnp.asarray(mean), jnp.asarray(std))
+    expected = prediction.probabilities(state, images, Preprocess.normalize_only(mean, std))
     serve = tf.saved_model.load(str(out / export.SAVED_MODEL_DIR)).signatures["serving_default"]
     got = {
         "stablehlo": export.load(out)(images),
@@ -343,5 +344,5 @@ def test_export_model_with_batch_norm_and_rgb_normalisation(tmp_path):
     init_stats = state.replace(
         batch_stats=init_variables(model, jax.random.key(0), shape)["batch_stats"]
     )
-    unused = prediction.probabilities(init_stats, images, jnp.asarray(mean), jnp.asarray(std))
+    unused = prediction.probabilities(init_stats, images, Preprocess.normalize_only(mean, std))
     assert np.abs(got["stablehlo"] - np.asarray(unused)).max() > 1e-2  # the statistics matter

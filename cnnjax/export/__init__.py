@@ -43,6 +43,7 @@ import numpy as np
 
 from cnnjax import checkpoint, prediction
 from cnnjax.errors import CnnjaxError, ConfigError
+from cnnjax.preprocessing import Preprocess
 from cnnjax.train_state import TrainState
 
 # jax 0.10.2 lowers to all of these without the hardware (multi-platform export keeps one
@@ -87,17 +88,19 @@ def export_run(workdir, out, step: int | None = None, **kwargs) -> dict:
     source = {"workdir": str(Path(workdir).absolute()), "step": run.step}
     source["model"] = run.config.model.to_dict()
     source["dataset"] = run.info.name
+    preprocess = run.preprocess
     return export_model(
         run.model,
         run.variables,
-        run.input_shape,
-        run.info.mean,
-        run.info.std,
+        run.image_shape,
+        preprocess.mean,
+        preprocess.std,
         run.info.class_names,
         out,
         dtype=run.config.dtype,
         flip_tta=bool(run.config.get("flip_tta", False)),
         source=source,
+        preprocess=preprocess,
         **kwargs,
     )
 
@@ -116,6 +119,7 @@ def export_model(
     platforms: Sequence[str] = PLATFORMS,
     saved_model: bool = True,
     source: dict | None = None,
+    preprocess: Preprocess | None = None,
 ) -> dict:
     """Exports ``model`` in eval mode as uint8 images (N, H, W, C) -> probabilities (N, K).
 
@@ -134,6 +138,8 @@ def export_model(
       platforms: the platforms to lower for (any of ``PLATFORMS``).
       saved_model: also write the TensorFlow SavedModel.
       source: where the model came from (e.g. workdir and step), stored in ``export.json``.
+      preprocess: the run's whole preprocessing (resize, channels, normalisation with ``mean``
+        and ``std``); None: normalisation only.
 
     Returns:
       The metadata written to ``out/export.json``.
@@ -143,9 +149,10 @@ def export_model(
       ExportError: ``out`` is a file, or a directory that is not an export.
     """
     out = check_out(out)
-    shape = _check_inputs(input_shape, mean, std, platforms)
+    preprocess = preprocess or Preprocess.normalize_only(mean, std)
+    shape = _check_inputs(input_shape, mean, std, platforms, preprocess.channels)
     variables = jax.tree.map(np.asarray, flax.core.unfreeze(jax.device_get(variables)))
-    forward = make_forward(model, mean, std, dtype, flip_tta)
+    forward = make_forward(model, preprocess, dtype, flip_tta)
     exported = export_stablehlo(forward, variables, shape, platforms)
     num_classes = exported.out_avals[0].shape[-1]
     if num_classes != len(class_names):
@@ -188,13 +195,13 @@ def check_out(out) -> Path:
     return out
 
 
-def _check_inputs(input_shape, mean, std, platforms) -> tuple[int, int, int]:
-    """(H, W, C) after checking the normalisation has C positive entries and the platforms are
-    known."""
+def _check_inputs(input_shape, mean, std, platforms, channels=None) -> tuple[int, int, int]:
+    """(H, W, C) after checking the normalisation has one positive entry per model input channel
+    (``channels``, default C) and the platforms are known."""
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"input_shape must be (H, W, C) positive integers, got {input_shape}")
-    channels = shape[-1]
+    channels = channels or shape[-1]
     if np.shape(mean) != (channels,) or np.shape(std) != (channels,):
         raise ConfigError(
             f"mean and std need {channels} entries (one per channel), got "
@@ -208,12 +215,10 @@ def _check_inputs(input_shape, mean, std, platforms) -> tuple[int, int, int]:
     return shape
 
 
-def make_forward(model, mean, std, dtype: str = "float32", flip_tta: bool = False):
+def make_forward(model, preprocess: Preprocess, dtype: str = "float32", flip_tta: bool = False):
     """``forward(variables, images)``: probabilities (N, K) float32 of uint8 images (N, H, W, C),
     computed by ``prediction.probabilities`` on a state holding ``variables`` as its params (so
     ``variables`` must already be the EMA weights when the run kept them)."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
 
     def forward(variables, images):
         state = TrainState(
@@ -224,7 +229,7 @@ def make_forward(model, mean, std, dtype: str = "float32", flip_tta: bool = Fals
             opt_state=None,
             batch_stats=variables.get("batch_stats", {}),
         )
-        return prediction.probabilities(state, images, mean, std, jnp.dtype(dtype), flip_tta)
+        return prediction.probabilities(state, images, preprocess, jnp.dtype(dtype), flip_tta)
 
     return forward
 
