@@ -1,10 +1,12 @@
 """Data: TFDS offline preparation from local copies, split roles, device-resident batching."""
 
+import fcntl
 import gzip
 import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +138,32 @@ def test_missing_dataset_offline_gives_one_actionable_line(tmp_path, monkeypatch
     assert "\n" not in message
     with pytest.raises(DataUnavailableError, match="downloads are off"):
         tfds_lib.builder("kmnist", str(tmp_path), download=False)
+
+
+@pytest.mark.slow
+def test_two_processes_preparing_at_once_both_get_the_dataset(tmp_path):
+    """Two first runs on a fresh machine: the preparation lock (held here first, so that both
+    processes are sure to wait on it) lets one convert the files while the other waits, then
+    finds the dataset prepared. Without it the second rename into place fails."""
+    prepare = (
+        "from cnnjax.data import tfds; "
+        f"b = tfds.builder('fashion_mnist', {str(tmp_path)!r}); "
+        "print(b.info.splits['train'].num_examples)"
+    )
+    directory = tmp_path / "fashion_mnist"
+    directory.mkdir()
+    with open(directory / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", prepare], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        time.sleep(5)  # both past their imports and waiting on the lock
+        assert [p.poll() for p in procs] == [None, None]
+        assert [d.name for d in directory.iterdir()] == [".prepare.lock"]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert [o.split()[-1] for o in outputs] == ["60000", "60000"]
 
 
 def test_unknown_dataset_name():

@@ -11,6 +11,7 @@ matches either TFDS's own checksum or one registered there.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import socket
@@ -50,6 +51,27 @@ def builder(name: str, data_dir: str | None, local_dir: str | None = None, downl
     ds_builder = cls(data_dir=data_dir)
     if ds_builder.is_prepared():
         return ds_builder
+    with _preparing(Path(ds_builder.data_dir).parent):
+        ds_builder = cls(data_dir=data_dir)  # another process may have prepared it meanwhile
+        if ds_builder.is_prepared():
+            return ds_builder
+        return _prepare(cls, name, ds_builder, data_dir, local_dir, download)
+
+
+@contextlib.contextmanager
+def _preparing(directory: Path):
+    """An exclusive lock on preparing the dataset whose versions live in ``directory``: two runs
+    started at once on a fresh machine would otherwise both convert into the same directory,
+    and the second to finish would fail renaming its copy into place. The kernel drops the lock
+    of a killed process."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _prepare(cls, name: str, ds_builder, data_dir, local_dir, download):
+    """Prepares ``name`` from a local copy of its files, else by downloading."""
     candidates = [local_dir] if local_dir else []
     candidates += SYSTEM_COPIES.get(name, [])
     for directory in candidates:
