@@ -41,3 +41,10 @@ def tiny_config(fmnist_data_dir):
     config = configs.get("tiny")
     config.data.data_dir = fmnist_data_dir
     return config
+
+
+def variant(config, **overrides):
+    """A copy of ``config`` with ``overrides`` (dotted keys reach into groups: "model.name")."""
+    c = config.copy_and_resolve_references()
+    c.update_from_flattened_dict(overrides)
+    return c

@@ -17,12 +17,7 @@ STEPS_PER_EPOCH = 10
 def config_with(**overrides):
     c = configs.get("default")
     c.num_epochs = 4  # 40 steps
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

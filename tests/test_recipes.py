@@ -5,19 +5,9 @@ schedules in test_optim.py.)"""
 import jax
 import numpy as np
 import pytest
+from conftest import variant
 
 from cnnjax import checkpoint, evaluation, optim, trainer
-
-
-def variant(config, **overrides):
-    c = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
 
 
 @pytest.mark.slow

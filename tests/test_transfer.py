@@ -5,22 +5,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import variant
 
 from cnnjax import checkpoint, models, optim, trainer, transfer
 from cnnjax.errors import CheckpointError
 from cnnjax.train_state import create_train_state
-
-
-def variant(config, **overrides):
-    """A copy of ``config`` with ``overrides`` (dotted keys reach into groups: "model.name")."""
-    c = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
 
 
 def initial_params(config):
