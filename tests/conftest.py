@@ -48,3 +48,14 @@ def variant(config, **overrides):
     c = config.copy_and_resolve_references()
     c.update_from_flattened_dict(overrides)
     return c
+
+
+def assert_one_line_error(result, *fragments):
+    """A finished subprocess that failed with exit status 2 and one ``error:`` line holding
+    every fragment, and no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 
 from cnnjax import checkpoint, cli
 
@@ -29,15 +30,6 @@ def run_cli(module, *args, cwd, timeout=600):
         text=True,
         timeout=timeout,
     )
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.mark.parametrize(
