@@ -307,8 +307,15 @@ def _preempted_manager(workdir, read_only: bool = False):
 
 def save_preempted(workdir, state, acc: dict, position: dict) -> Path:
     """Saves ``state``, the partial epoch's metric sums ``acc`` and ``position`` (``epoch``,
-    ``batch``: the next batch of that epoch, ``step``); returns the committed directory."""
+    ``batch``: the next batch of that epoch, ``step``); returns the committed directory.
+
+    A committed one of the same step holds the same state (a run resumed from it stopped again
+    before its next step): it is kept rather than rewritten, so there is no moment without one.
+    """
     step = int(position["step"])
+    path = Path(workdir).absolute() / PREEMPTED / str(step)
+    if preempted_step(workdir) == step:
+        return path
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         acc=ocp.args.StandardSave(acc),
@@ -320,7 +327,7 @@ def save_preempted(workdir, state, acc: dict, position: dict) -> Path:
         mngr.wait_until_finished()
     finally:
         mngr.close()
-    return Path(workdir).absolute() / PREEMPTED / str(step)
+    return path
 
 
 def preempted_step(workdir) -> int | None:

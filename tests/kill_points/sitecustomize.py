@@ -62,12 +62,13 @@ def _committed_steps() -> list[int]:
     makes the state on disk at the pause deterministic), the steps on disk. A temporary
     directory older than the process is the leftover of a killed one, not a save in flight."""
     directory = _workdir() / "checkpoints"
+    empty_until = time.time() + 2  # an epoch-1 pause has nothing to wait for (an empty directory)
     while True:
         paths = list(directory.iterdir())
         in_flight = [
             p for p in paths if ".orbax-checkpoint-tmp" in p.name and p.stat().st_mtime >= _START
         ]
-        if paths and not in_flight:
+        if (paths or time.time() > empty_until) and not in_flight:
             return sorted(int(p.name) for p in paths if p.name.isdigit())
         time.sleep(0.01)
 
