@@ -8,6 +8,7 @@ holds the epoch and that epoch's metrics; the data order and dropout keys derive
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import flax.linen as nn
@@ -287,3 +288,82 @@ def eval_target(model, input_shape, ema: bool, mesh) -> dict:
     if ema:
         target["ema_params"] = variables["params"]
     return abstract_with_sharding(target, parallel.replicated(mesh))
+
+
+# The preemption checkpoint: ``WORKDIR/preempted/<step>/{state,acc,meta}``, apart from the epoch
+# checkpoints (which evaluation, prediction and ``load_run`` read), written when a signal stops
+# training mid-epoch and deleted once a later epoch checkpoint is committed.
+PREEMPTED = "preempted"
+
+
+def _preempted_manager(workdir, read_only: bool = False):
+    """One synchronous checkpoint at most; Orbax writes into a temporary directory and renames it
+    when complete, and lists (restores) only the renamed ones."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, read_only=read_only, create=not read_only, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / PREEMPTED, options=options)
+
+
+def save_preempted(workdir, state, acc: dict, position: dict) -> Path:
+    """Saves ``state``, the partial epoch's metric sums ``acc`` and ``position`` (``epoch``,
+    ``batch``: the next batch of that epoch, ``step``); returns the committed directory.
+
+    A committed one of the same step holds the same state (a run resumed from it stopped again
+    before its next step): it is kept rather than rewritten, so there is no moment without one.
+    """
+    step = int(position["step"])
+    path = Path(workdir).absolute() / PREEMPTED / str(step)
+    if preempted_step(workdir) == step:
+        return path
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        acc=ocp.args.StandardSave(acc),
+        meta=ocp.args.JsonSave(position),
+    )
+    mngr = _preempted_manager(workdir)
+    try:
+        mngr.save(step, args=args, force=True)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    return path
+
+
+def preempted_step(workdir) -> int | None:
+    """The step of the committed preemption checkpoint, or None."""
+    if not (Path(workdir) / PREEMPTED).is_dir():
+        return None
+    mngr = _preempted_manager(workdir, read_only=True)
+    try:
+        return mngr.latest_step()
+    finally:
+        mngr.close()
+
+
+def restore_preempted(workdir, step: int, state_target, acc_target):
+    """``(state, acc, position)`` of the preemption checkpoint at ``step``."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(state_target),
+        acc=ocp.args.StandardRestore(acc_target),
+        meta=ocp.args.JsonRestore(),
+    )
+    mngr = _preempted_manager(workdir, read_only=True)
+    try:
+        restored = _restore_step(mngr, step, args)
+    finally:
+        mngr.close()
+    return restored.state, restored.acc, restored.meta
+
+
+def discard_preempted(workdir) -> None:
+    """Deletes the preemption checkpoints (process 0; renamed away first, so a kill halfway
+    leaves nothing that looks committed)."""
+    directory = Path(workdir) / PREEMPTED
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    doomed = directory.with_name(f"{PREEMPTED}.deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    directory.rename(doomed)
+    shutil.rmtree(doomed)

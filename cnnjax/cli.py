@@ -6,7 +6,8 @@ entries win), JAX's persistent compilation cache turned on, and library chatter 
 TensorFlow) lowered to errors unless ``--verbosity`` is given. While it runs, a
 ``CnnjaxError`` (a mistake the user can fix) and any error while parsing the flags end the
 process with one line ``error: ...`` on stderr and exit status 2; ``CNNJAX_TRACEBACK=1`` shows
-the traceback too. Anything else is a bug and keeps its traceback.
+the traceback too. Anything else is a bug and keeps its traceback. A run stopped by SIGTERM or
+SIGINT (``preemption.Preempted``) ends with its one line on stderr and exit status 128 + signum.
 
 Nothing happens on import. ``experiments/README.md`` ("Where the time goes (CPU)") has the
 measurements behind every XLA flag here.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from cnnjax import configs, parallel
+from cnnjax import configs, parallel, preemption
 from cnnjax.errors import CnnjaxError, ConfigError
 
 TRACEBACK_ENV = "CNNJAX_TRACEBACK"  # "1": print the traceback of a user error as well
@@ -236,6 +237,9 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
             return main(args)
         except CnnjaxError as e:
             fail(str(e), e)
+        except preemption.Preempted as e:  # stopped by SIGTERM / SIGINT, after saving
+            print(e, file=sys.stderr)
+            sys.exit(e.exit_status)
 
     try:
         argv = resolve_config_arg(sys.argv if argv is None else argv)

@@ -16,7 +16,18 @@ import psutil
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cnnjax import checkpoint, configs, evaluation, models, optim, parallel, plots, steps, transfer
+from cnnjax import (
+    checkpoint,
+    configs,
+    evaluation,
+    models,
+    optim,
+    parallel,
+    plots,
+    preemption,
+    steps,
+    transfer,
+)
 from cnnjax import metrics as metrics_lib
 from cnnjax.configs import validation
 from cnnjax.data import augment as augment_lib
@@ -207,12 +218,32 @@ def restore(run: Run, mngr, model, tx, step: int | None = None):
     return checkpoint.restore(mngr, target, step)
 
 
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where an epoch stopped for a signal: the next ``batch`` of ``epoch`` (0-based; ``batch``
+    is ``steps_per_epoch`` when only the evaluation was left), with that epoch's metric sums."""
+
+    epoch: int
+    batch: int
+    acc: dict
+
+
 def restore_or_init(run: Run, mngr, model, tx):
-    """Resumes from the latest checkpoint if there is one. Returns ``(state, epochs_done)``."""
-    if mngr.latest_step() is None:
-        return initial_state(run.config, model, tx, run_input_shape(run), run.mesh), 0
+    """Resumes from the newest checkpoint: the preemption checkpoint when it is newer than the
+    latest epoch checkpoint, else that. Returns ``(state, epochs_done, position)``, ``position``
+    a ``Position`` in epoch ``epochs_done`` or None."""
+    latest, preempted = mngr.latest_step(), checkpoint.preempted_step(run.workdir)
+    if preempted is not None and (latest is None or preempted > latest):
+        target = restore_target(run.config, model, tx, run_input_shape(run), run.mesh)
+        acc = checkpoint.abstract_with_sharding(
+            evaluation.zero_sums(run.mesh), parallel.replicated(run.mesh)
+        )
+        state, acc, meta = checkpoint.restore_preempted(run.workdir, preempted, target, acc)
+        return state, int(meta["epoch"]), Position(int(meta["epoch"]), int(meta["batch"]), acc)
+    if latest is None:
+        return initial_state(run.config, model, tx, run_input_shape(run), run.mesh), 0, None
     state, meta = restore(run, mngr, model, tx)
-    return state, int(meta["epoch"])
+    return state, int(meta["epoch"]), None
 
 
 def split_metrics(run: Run, state, role: str) -> dict:
@@ -222,12 +253,15 @@ def split_metrics(run: Run, state, role: str) -> dict:
     else:
         split = run.data.info.splits[role]
         batches = evaluation.streamed_batches(run.config, run.data.builder, split, run.mesh)
+    batches = preemption.interruptible(batches)
     sums = evaluation.eval_sums(run.eval_fn, state, batches, run.mesh, run.data.info.num_classes)
     return metrics_lib.means(sums, "test" if role == "test" else "eval")
 
 
-def stream_train(run: Run, epoch: int):
-    """Streaming training batches placed on the mesh."""
+def stream_train(run: Run, epoch: int, first: int = 0):
+    """Streaming training batches ``first ..`` placed on the mesh (the earlier ones are read and
+    dropped: the same order as a run that was not stopped, as tf.data's is fixed by seed and
+    epoch)."""
     c = run.config
     batches = pipeline.stream_batches(
         run.data.builder,
@@ -243,37 +277,71 @@ def stream_train(run: Run, epoch: int):
     # examples holds at least n // batch_size batches of batch_size // processes. The rest is
     # read and dropped: an unfinished tf.data iterator would discard TFDS's cache with a warning.
     for i, batch in enumerate(batches):
-        if i < run.steps_per_epoch:
+        if first <= i < run.steps_per_epoch:
             yield parallel.host_to_global(batch, run.mesh)
 
 
 def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):
     """One epoch. Returns ``(state, train_metrics, images_per_sec)``; images/s excludes the
     first step of the process (compilation)."""
-    c, acc = run.config, evaluation.zero_sums(run.mesh)
+    state, acc, ips = epoch_steps(run, state, epoch, writer, first_in_process)
+    return state, metrics_lib.means(acc, "train"), ips
+
+
+def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, resume=None):
+    """The steps of an epoch (from ``resume``, a ``Position``, when given). Returns ``(state,
+    metric sums, images_per_sec)``.
+
+    Raises:
+      Preempted: a signal came; the preemption checkpoint after the current step is saved.
+    """
+    c = run.config
+    first, acc = (
+        (0, evaluation.zero_sums(run.mesh)) if resume is None else (resume.batch, resume.acc)
+    )
     if run.data.resident:
         order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
-        batches = ((run.data.train, order, i) for i in range(run.steps_per_epoch))
+        batches = ((run.data.train, order, i) for i in range(first, run.steps_per_epoch))
     else:
-        batches = ((b,) for b in stream_train(run, epoch))
+        batches = ((b,) for b in stream_train(run, epoch, first))
     bar = tqdm(
         total=run.steps_per_epoch,
         desc=f"epoch {epoch + 1}/{c.num_epochs}",
         disable=None if jax.process_index() == 0 else True,
         leave=False,
     )
-    start, timed_steps = time.perf_counter(), run.steps_per_epoch
-    for i, args in enumerate(batches):
+    bar.update(first)
+    start, timed_steps = time.perf_counter(), run.steps_per_epoch - first
+    step0 = int(state.step) - first  # the global step before batch 0; host-side from here
+    for i, args in enumerate(batches, start=first):
         state, acc = run.train_fn(state, acc, *args)
-        if i == 0 and first_in_process:
+        if i == first and first_in_process:
             jax.block_until_ready(acc)
-            start, timed_steps = time.perf_counter(), run.steps_per_epoch - 1
+            start, timed_steps = time.perf_counter(), run.steps_per_epoch - first - 1
         if (i + 1) % c.log_every_steps == 0:
             log_progress(run, bar, writer, int(state.step), acc, start, i)
-    train_metrics = metrics_lib.means(acc, "train")  # fetching waits for the last step
+        signum = preemption.stop_signal(step0 + i + 1)
+        if signum is not None:
+            bar.close()
+            preempt(run, state, Position(epoch, i + 1, acc), step0 + i + 1, signum)
+    jax.block_until_ready(acc)  # the epoch's time includes its last step
     elapsed = time.perf_counter() - start
     bar.close()
-    return state, train_metrics, timed_steps * c.batch_size / max(elapsed, 1e-9)
+    return state, acc, timed_steps * c.batch_size / max(elapsed, 1e-9)
+
+
+def preempt(run: Run, state, position: Position, step: int, signum: int):
+    """Saves the preemption checkpoint at ``position`` (global ``step``) and raises
+    ``Preempted``."""
+    start = time.perf_counter()
+    meta = {"epoch": position.epoch, "batch": position.batch, "step": step}
+    path = checkpoint.save_preempted(run.workdir, state, position.acc, meta)
+    raise preemption.Preempted(
+        signum,
+        f"{preemption.name(signum)}: stopped after step {step} (epoch {position.epoch + 1}, "
+        f"batch {position.batch}/{run.steps_per_epoch}); saved {path} in "
+        f"{time.perf_counter() - start:.1f} s; the same command resumes from it",
+    )
 
 
 def log_progress(run: Run, bar, writer, step: int, acc, start: float, i: int) -> None:
@@ -329,30 +397,52 @@ def train_and_evaluate(config, workdir) -> dict:
 
     Raises:
       CnnjaxError: bad names, missing data, an incompatible workdir, or a diverged loss.
+      Preempted: SIGTERM or SIGINT came (see ``cnnjax.preemption``); what there was to save is
+        saved.
     """
+    with preemption.listening():
+        try:
+            return _train_and_evaluate(config, workdir)
+        except preemption.Interrupted as e:
+            raise preemption.Preempted(
+                e.signum,
+                f"{e}: stopped with nothing new to save; checkpoints in {workdir} are unchanged "
+                "and the same command resumes",
+            ) from None
+
+
+def _train_and_evaluate(config, workdir) -> dict:
     validation.check(config)
     validate_names(config)
     workdir = validation.check_workdir(workdir, create=jax.process_index() == 0)
     check_workdir(config, workdir)
+    preemption.check("start-up")
     run = setup(config, workdir)
     if jax.process_index() == 0:
         run.data.info.save(workdir / "dataset.json")
     model = build_model(config, run.data.info.num_classes)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
+    preemption.check("start-up")
     mngr = checkpoint.run_manager(config, workdir)
     writer = metrics_lib.Writer(workdir)
     try:
-        state, done = restore_or_init(run, mngr, model, tx)
+        state, done, position = restore_or_init(run, mngr, model, tx)
+        preemption.check("start-up")
         writer.truncate_after(done)
-        return fit(run, state, done, mngr, writer)
+        return fit(run, state, done, mngr, writer, position)
     finally:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
 
 
-def fit(run: Run, state, done: int, mngr, writer) -> dict:
-    """Epochs ``done + 1 .. num_epochs``, with evaluation and checkpoints."""
+def fit(run: Run, state, done: int, mngr, writer, position: Position | None = None) -> dict:
+    """Epochs ``done + 1 .. num_epochs`` (the first from ``position`` when given), with
+    evaluation and checkpoints.
+
+    Raises:
+      Preempted: a signal came (after the preemption checkpoint or an epoch checkpoint).
+    """
     c, line = run.config, {}
     if done >= c.num_epochs:
         print(f"{run.workdir}: already trained {done} epochs; raise --config.num_epochs to go on")
@@ -361,8 +451,14 @@ def fit(run: Run, state, done: int, mngr, writer) -> dict:
     for epoch in range(done, c.num_epochs):
         if should_stop_early(c, metrics_lib.read_lines(run.workdir)):
             return finish_early(run, mngr, writer)
-        state, train_m, ips = train_epoch(run, state, epoch, writer, epoch == done)
-        line = epoch_line(run, state, epoch, train_m, ips)
+        resume = position if epoch == done else None
+        state, acc, ips = epoch_steps(run, state, epoch, writer, epoch == done, resume)
+        try:
+            line = epoch_line(run, state, epoch, metrics_lib.means(acc, "train"), ips)
+        except preemption.Interrupted as e:  # the epoch's steps are done: keep them
+            preempt(
+                run, state, Position(epoch, run.steps_per_epoch, acc), int(state.step), e.signum
+            )
         state = step_plateau(run, state, line["eval_loss"])
         if not metrics_lib.all_finite(line):
             raise TrainingDivergedError(
@@ -377,7 +473,25 @@ def fit(run: Run, state, done: int, mngr, writer) -> dict:
             plots.plot_curves(lines, run.workdir / "curves.png", train_targets=train_targets(c))
         if (epoch + 1) % c.checkpointing.every_epochs == 0 or epoch + 1 == c.num_epochs:
             checkpoint.save(mngr, state, epoch + 1, {k: v for k, v in line.items() if k != "epoch"})
+            if position is not None:  # the preemption checkpoint is older now
+                mngr.wait_until_finished()
+                checkpoint.discard_preempted(run.workdir)
+                position = None
+            stop_after_epoch(run, mngr, epoch)
     return line
+
+
+def stop_after_epoch(run: Run, mngr, epoch: int) -> None:
+    """Raises ``Preempted`` once the epoch checkpoint is committed if a signal came."""
+    signum = preemption.epoch_stop_signal()
+    if signum is None:
+        return
+    mngr.wait_until_finished()
+    raise preemption.Preempted(
+        signum,
+        f"{preemption.name(signum)}: stopped after epoch {epoch + 1}; saved "
+        f"{Path(mngr.directory) / str(mngr.latest_step())}; the same command resumes from it",
+    )
 
 
 def train_targets(config) -> str:

@@ -56,16 +56,19 @@ def train_cmd(data_dir, workdir) -> list[str]:
     return [sys.executable, "-m", "cnnjax.train", *RECIPE, data, f"--workdir={workdir}"]
 
 
-def env(pause: str | None = None, marker: Path | None = None) -> dict:
+def env(pause: str | None = None, marker: Path | None = None, **hooks: str) -> dict:
     # One CPU device (the 4 fake devices of conftest only slow a subprocess down), this
     # checkout's cnnjax rather than an installed one, and the pause hooks. The compilation cache
     # is the user's (cnnjax's default): with a fresh one each time the five processes spent
     # over twice as long compiling.
     e = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     e["PYTHONPATH"] = os.pathsep.join([str(KILL_POINTS), str(REPO), e.get("PYTHONPATH", "")])
-    e.pop("CNNJAX_PAUSE", None)
+    for name in ("CNNJAX_PAUSE", "CNNJAX_PAUSE_UNTIL", "CNNJAX_SIGNAL_AT_STEP"):
+        e.pop(name, None)
     if pause:
         e |= {"CNNJAX_PAUSE": pause, "CNNJAX_PAUSE_MARKER": str(marker)}
+    # until="signal", signal_at_step="N": CNNJAX_PAUSE_UNTIL, CNNJAX_SIGNAL_AT_STEP
+    e |= {f"CNNJAX_{'PAUSE_' if k == 'until' else ''}{k.upper()}": v for k, v in hooks.items()}
     return e
 
 
@@ -73,22 +76,28 @@ def committed(workdir: Path) -> list[int]:
     """Steps of the committed checkpoints (Orbax writes into ``<step>.orbax-checkpoint-tmp*``
     and renames when done)."""
     directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def metric_lines(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
     return [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
 
 
-def run_until_killed(cmd, workdir: Path, pause: str, timeout: float = 300) -> dict:
-    """Starts ``cmd`` paused at ``pause``, SIGKILLs it once it waits there and returns what the
-    workdir held at that moment."""
+def start_paused(cmd, workdir: Path, pause: str, timeout: float = 300, **hooks: str):
+    """Starts ``cmd`` paused at ``pause`` (and the other ``hooks`` of ``env``; see
+    kill_points/sitecustomize.py) and returns ``(process, what the workdir held once it waited
+    there, its stderr file)``."""
     marker = workdir.parent / f"{workdir.name}.{pause.replace(':', '_')}.json"
+    marker.unlink(missing_ok=True)
     log = marker.with_suffix(".log")
     with log.open("w") as stderr:  # a file, not a pipe that could fill up and block the child
         proc = subprocess.Popen(
-            cmd, cwd=workdir.parent, env=env(pause, marker),
+            cmd, cwd=workdir.parent, env=env(pause, marker, **hooks),
             stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
     deadline = time.monotonic() + timeout
@@ -100,7 +109,15 @@ def run_until_killed(cmd, workdir: Path, pause: str, timeout: float = 300) -> di
         raise AssertionError(f"never paused at {pause}: {log.read_text()[-3000:]}")
     seen = json.loads(marker.read_text())
     seen |= {"committed": committed(workdir), "lines": len(metric_lines(workdir))}
-    seen["entries"] = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    directory = workdir / "checkpoints"
+    seen["entries"] = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    return proc, seen, log
+
+
+def run_until_killed(cmd, workdir: Path, pause: str, timeout: float = 300, **hooks: str) -> dict:
+    """Starts ``cmd`` paused at ``pause``, SIGKILLs it once it waits there and returns what the
+    workdir held at that moment."""
+    proc, seen, _ = start_paused(cmd, workdir, pause, timeout, **hooks)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     seen["returncode"] = proc.returncode
@@ -136,15 +153,47 @@ def assert_bit_identical(a, b) -> None:
         np.testing.assert_array_equal(value, fb[key], err_msg=key, strict=True)
 
 
+def assert_same_run(straight: Path, resumed: Path) -> dict:
+    """Asserts that two finished runs of ``RECIPE`` kept the same checkpoints, bit for bit (the
+    whole train state and meta), and the same metrics.jsonl but for the timings. Returns the
+    first's ``restore_all``."""
+    want, got = restore_all(straight), restore_all(resumed)
+    assert FINAL_STEP in want and want.keys() == got.keys()
+    for step, (state, meta) in want.items():
+        assert set(state) == STATE_KEYS and int(state["step"]) == step
+        assert state["ema_params"] and state["plateau"] and state["batch_stats"]
+        assert_bit_identical(state, got[step][0])
+        assert without_timings(meta) == without_timings(got[step][1]), step
+    lines_a, lines_b = metric_lines(straight), metric_lines(resumed)
+    assert [x["epoch"] for x in lines_a] == [x["epoch"] for x in lines_b] == [1, 2, 3]
+    for a, b in zip(lines_a, lines_b, strict=True):
+        assert a.keys() == b.keys() and a.keys() >= TIMING_KEYS
+        assert without_timings(a) == without_timings(b)
+    return want
+
+
+def start_reference(data_dir, workdir: Path):
+    """The uninterrupted run, started in the background (it runs alongside the interrupted ones:
+    two processes on two cores); ``finish_reference`` waits for it."""
+    log = workdir.with_suffix(".log").open("w")
+    proc = subprocess.Popen(
+        train_cmd(data_dir, workdir), cwd=workdir.parent, env=env(),
+        stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    return proc, log
+
+
+def finish_reference(reference, timeout: float = 600) -> None:
+    proc, log = reference
+    proc.wait(timeout=timeout)
+    log.close()
+    assert proc.returncode == 0, Path(log.name).read_text()[-3000:]
+
+
 @pytest.mark.slow
 def test_killed_three_times_resumes_bit_identically(fmnist_data_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    # The uninterrupted run goes alongside the interrupted ones (two processes on two cores).
-    reference_log = (tmp_path / "straight.log").open("w")
-    reference = subprocess.Popen(
-        train_cmd(fmnist_data_dir, straight), cwd=tmp_path, env=env(),
-        stdout=subprocess.DEVNULL, stderr=reference_log,
-    )  # fmt: skip
+    reference = start_reference(fmnist_data_dir, straight)
     cmd = train_cmd(fmnist_data_dir, killed)
 
     # 1. Mid-epoch 2, at step 11, resuming from the committed step-8 checkpoint.
@@ -171,17 +220,9 @@ def test_killed_three_times_resumes_bit_identically(fmnist_data_dir, tmp_path):
     # 4. The same command once more finishes the run.
     last = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True)
     assert last.returncode == 0, last.stderr[-3000:]
-    reference.wait(timeout=600)
-    reference_log.close()
-    assert reference.returncode == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    finish_reference(reference)
 
-    want, got = restore_all(straight), restore_all(killed)
-    assert FINAL_STEP in want and want.keys() == got.keys()
-    for step, (state, meta) in want.items():
-        assert set(state) == STATE_KEYS and int(state["step"]) == step
-        assert state["ema_params"] and state["plateau"] and state["batch_stats"]
-        assert_bit_identical(state, got[step][0])
-        assert without_timings(meta) == without_timings(got[step][1]), step
+    want = assert_same_run(straight, killed)
     # Epoch 2's validation loss rose, so the plateau lowered the learning rate: its state matters.
     assert float(want[FINAL_STEP][0]["plateau"]["scale"]) < 1
     # The comparison can fail: two checkpoints of one run differ in every part.
@@ -190,9 +231,3 @@ def test_killed_three_times_resumes_bit_identically(fmnist_data_dir, tmp_path):
     for part in STATE_KEYS - {"plateau"}:
         a, b = flat(want[earlier][0][part]), flat(want[FINAL_STEP][0][part])
         assert any(not np.array_equal(a[k], b[k]) for k in a), part
-
-    lines_a, lines_b = metric_lines(straight), metric_lines(killed)
-    assert [x["epoch"] for x in lines_a] == [x["epoch"] for x in lines_b] == [1, 2, 3]
-    for a, b in zip(lines_a, lines_b, strict=True):
-        assert a.keys() == b.keys() and a.keys() >= TIMING_KEYS
-        assert without_timings(a) == without_timings(b)
