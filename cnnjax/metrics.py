@@ -8,6 +8,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cnnjax.workdir import writing
+
 
 def means(sums: dict, prefix: str) -> dict:
     """Metric sums (``loss``, ``correct``, ``count``) -> ``{prefix_loss, prefix_accuracy}``."""
@@ -42,7 +44,8 @@ class Writer:
             return
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with writing(self.path):
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def scalars(self, step: int, values: dict) -> None:
         if self.enabled:
@@ -52,7 +55,7 @@ class Writer:
     def epoch(self, line: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
         self.scalars(line["step"], {k: v for k, v in line.items() if k not in ("epoch", "step")})
         self._tb.flush()
