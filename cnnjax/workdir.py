@@ -104,9 +104,13 @@ def lock(workdir, enabled: bool = True):
 
 
 def _write_owner(fd: int) -> None:
+    """Writes this process's pid and host into the held lock file, for ``holder``."""
     owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, owner.encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, the pid is only information
+        pass
 
 
 # ------------------------------------------------------------------------------ writability
@@ -120,7 +124,7 @@ def probe_writable(directory) -> None:
       OSError: the file cannot be created or removed.
     """
     path = Path(directory) / f"{PROBE_PREFIX}{os.getpid()}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.close(fd)
     finally:
@@ -231,17 +235,7 @@ _DRAIN_S = 60.0  # how long a failed save's other threads get to finish
 def _settle_failed_save() -> None:
     """Lets the other threads of a failed Orbax save finish before the process ends: Orbax
     raises the first thread's error while the others still write (and would log the same
-    failure again at interpreter shutdown). TensorStore then completes their pending writes
-    into event loops that have closed, which Python reports as unraisable "Event loop is
-    closed" errors: those are dropped from here on (and only those)."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    failure again at interpreter shutdown)."""
     deadline = time.monotonic() + _DRAIN_S
     for thread in threading.enumerate():
         if (
@@ -252,9 +246,34 @@ def _settle_failed_save() -> None:
             threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
 
 
-def _drop_disk_error_logs(on: bool) -> None:
-    for name in _LOGGERS:
-        (logging.getLogger(name).addFilter if on else logging.getLogger(name).removeFilter)(_DROP)
+def _closed_loop_noise(unraisable) -> bool:
+    """TensorStore completing the writes of a failed save after Orbax closed that save's event
+    loop: Python reports each as an unraisable "Event loop is closed" error. The failure itself
+    reaches the caller as an error of its own (at the next save or the final wait)."""
+    value = unraisable.exc_value
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+class _Quiet:
+    """The filters ``disk_errors`` installs: disk-error log records and closed-loop noise."""
+
+    def __init__(self):
+        self.previous = None
+
+    def hook(self, unraisable) -> None:
+        if not _closed_loop_noise(unraisable):
+            (self.previous or sys.__unraisablehook__)(unraisable)
+
+    def install(self) -> None:
+        for name in _LOGGERS:
+            logging.getLogger(name).addFilter(_DROP)
+        self.previous, sys.unraisablehook = sys.unraisablehook, self.hook
+
+    def remove(self) -> None:
+        for name in _LOGGERS:
+            logging.getLogger(name).removeFilter(_DROP)
+        if sys.unraisablehook == self.hook:
+            sys.unraisablehook = self.previous
 
 
 @contextlib.contextmanager
@@ -262,11 +281,12 @@ def disk_errors(workdir):
     """Re-raises a full-disk or unwritable-path error of the ``with`` block as one
     ``DiskError`` line (see the module docstring); lets every other error through.
 
-    Once one is reported, the log records of the same failure that Orbax's other threads write
-    later stay dropped too (the process is about to end with the one line).
+    While it runs, and after a reported error for good (the process is about to end with the
+    one line), the log records of disk errors and the "Event loop is closed" reports that a
+    failed Orbax save leaves behind are dropped: they repeat or follow the error that is raised.
     """
-    _drop_disk_error_logs(True)
-    reported = False
+    quiet, reported = _Quiet(), False
+    quiet.install()
     try:
         yield
     except CnnjaxError:
@@ -281,4 +301,4 @@ def disk_errors(workdir):
         raise DiskError(message(workdir, *found)) from e
     finally:
         if not reported:
-            _drop_disk_error_logs(False)
+            quiet.remove()
