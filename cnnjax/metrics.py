@@ -8,6 +8,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cnnjax.workdir import REASONS, writing
+
 
 def means(sums: dict, prefix: str) -> dict:
     """Metric sums (``loss``, ``correct``, ``count``) -> ``{prefix_loss, prefix_accuracy}``."""
@@ -42,7 +44,8 @@ class Writer:
             return
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with writing(self.path):
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def scalars(self, step: int, values: dict) -> None:
         if self.enabled:
@@ -52,14 +55,37 @@ class Writer:
     def epoch(self, line: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with writing(self.path), self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
         self.scalars(line["step"], {k: v for k, v in line.items() if k not in ("epoch", "step")})
-        self._tb.flush()
+        with writing(self.path.parent / "tensorboard"):
+            self._tb.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        """Flushes and closes TensorBoard's writer. On a full or unwritable disk the events it
+        still buffers are dropped, so that tensorboardX's exit hook does not retry (and print a
+        traceback after the run's one error line); the error is raised."""
+        tb, self._tb = self._tb, None
+        if tb is None:
+            return
+        try:
+            with writing(self.path.parent / "tensorboard"):
+                tb.close()
+        except OSError as e:
+            if e.errno in REASONS:
+                _abandon(tb)
+            raise
+
+
+def _abandon(tb) -> None:
+    """Marks a tensorboardX SummaryWriter's event writers closed, their thread stopped."""
+    for file_writer in (getattr(tb, "all_writers", None) or {}).values():
+        events = getattr(file_writer, "event_writer", None)
+        worker = getattr(events, "_worker", None)
+        if worker is not None:
+            worker.stop()
+        if events is not None:
+            events._closed = True  # tensorboardX's own flag: its atexit close does nothing
 
 
 def read_lines(workdir) -> list[dict]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnjax.workdir import writing
+
 # Above these many classes, the confusion matrix drops per-cell values, then tick labels.
 MAX_CELL_VALUES = 30
 MAX_TICK_LABELS = 60
@@ -37,7 +39,7 @@ def save_atomic(fig, path, dpi: int = 100) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with writing(path), os.fdopen(fd, "wb") as f:  # a full disk names the picture
             fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
             f.flush()
             os.fsync(f.fileno())

@@ -29,6 +29,7 @@ from cnnjax import (
     transfer,
 )
 from cnnjax import metrics as metrics_lib
+from cnnjax import workdir as workdir_lib
 from cnnjax.configs import validation
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import pipeline
@@ -100,7 +101,8 @@ def check_workdir(config, workdir: Path) -> None:
             )
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(config.to_json_best_effort(indent=2))
+        with workdir_lib.writing(saved_path):
+            saved_path.write_text(config.to_json_best_effort(indent=2))
 
 
 def prepared_builder(config):
@@ -396,7 +398,8 @@ def train_and_evaluate(config, workdir) -> dict:
     epoch's metrics line.
 
     Raises:
-      CnnjaxError: bad names, missing data, an incompatible workdir, or a diverged loss.
+      CnnjaxError: bad names, missing data, an incompatible workdir, one another process is
+        training in, a full or unwritable disk, or a diverged loss.
       Preempted: SIGTERM or SIGINT came (see ``cnnjax.preemption``); what there was to save is
         saved.
     """
@@ -415,6 +418,12 @@ def _train_and_evaluate(config, workdir) -> dict:
     validation.check(config)
     validate_names(config)
     workdir = validation.check_workdir(workdir, create=jax.process_index() == 0)
+    with workdir_lib.lock(workdir, jax.process_index() == 0), workdir_lib.disk_errors(workdir):
+        return train_locked(config, workdir)
+
+
+def train_locked(config, workdir: Path) -> dict:
+    """``train_and_evaluate`` in a checked workdir this process holds."""
     check_workdir(config, workdir)
     preemption.check("start-up")
     run = setup(config, workdir)

@@ -11,10 +11,10 @@ naming the key, the value and the valid range::
 path that stands in the way.
 """
 
-import os
 from pathlib import Path
 
 from cnnjax import rules as r
+from cnnjax import workdir as workdir_lib
 from cnnjax.errors import CheckpointError, ConfigError
 
 # The keys of every metrics.jsonl epoch line (trainer.epoch_line), so a checkpoint can be ranked
@@ -150,8 +150,12 @@ def check_workdir(workdir, create: bool = True) -> Path:
         raise CheckpointError(
             f"--workdir={workdir} cannot be created: {where}: {e.strerror or e}"
         ) from None
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise CheckpointError(f"--workdir={workdir} is not writable")
+    try:  # by creating a file: root passes os.access on a read-only mount
+        workdir_lib.probe_writable(workdir)
+    except OSError as e:
+        raise CheckpointError(
+            f"--workdir={workdir} is not writable: {e.filename or workdir}: {e.strerror or e}"
+        ) from None
     if (workdir / "config.json").exists():  # a run to resume: its config must be readable
         from cnnjax import checkpoint
 
