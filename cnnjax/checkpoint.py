@@ -4,6 +4,8 @@ the one way to open a trained run.
 Kept: the latest ``max_to_keep`` checkpoints plus the best by a metric. ``meta``
 holds the epoch and that epoch's metrics; the data order and dropout keys derive from
 ``(seed, epoch, step)``, so restoring ``state`` and ``epoch`` is all a bit-identical resume needs.
+A run stopped by a signal mid-epoch also leaves ``WORKDIR/preempted/<step>`` (``save_preempted``),
+which only the trainer reads.
 """
 
 import dataclasses

@@ -235,7 +235,9 @@ def restore_or_init(run: Run, mngr, model, tx):
     latest epoch checkpoint, else that. Returns ``(state, epochs_done, position)``, ``position``
     a ``Position`` in epoch ``epochs_done`` or None."""
     latest, preempted = mngr.latest_step(), checkpoint.preempted_step(run.workdir)
-    if preempted is not None and (latest is None or preempted > latest):
+    if preempted is not None and latest is not None and preempted <= latest:
+        checkpoint.discard_preempted(run.workdir)  # a kill came before it was deleted
+    elif preempted is not None:
         target = restore_target(run.config, model, tx, run_input_shape(run), run.mesh)
         acc = checkpoint.abstract_with_sharding(
             evaluation.zero_sums(run.mesh), parallel.replicated(run.mesh)
@@ -481,13 +483,19 @@ def fit(run: Run, state, done: int, mngr, writer, position: Position | None = No
             lines = metrics_lib.read_lines(run.workdir)
             plots.plot_curves(lines, run.workdir / "curves.png", train_targets=train_targets(c))
         if (epoch + 1) % c.checkpointing.every_epochs == 0 or epoch + 1 == c.num_epochs:
-            checkpoint.save(mngr, state, epoch + 1, {k: v for k, v in line.items() if k != "epoch"})
-            if position is not None:  # the preemption checkpoint is older now
-                mngr.wait_until_finished()
-                checkpoint.discard_preempted(run.workdir)
-                position = None
-            stop_after_epoch(run, mngr, epoch)
+            save_epoch(run, mngr, state, epoch, line, drop_preempted=position is not None)
+            position = None
     return line
+
+
+def save_epoch(run: Run, mngr, state, epoch: int, line: dict, drop_preempted: bool) -> None:
+    """The epoch checkpoint (asynchronous); once committed, the older preemption checkpoint is
+    deleted (``drop_preempted``). Then, if a signal came, stops (``stop_after_epoch``)."""
+    checkpoint.save(mngr, state, epoch + 1, {k: v for k, v in line.items() if k != "epoch"})
+    if drop_preempted:
+        mngr.wait_until_finished()
+        checkpoint.discard_preempted(run.workdir)
+    stop_after_epoch(run, mngr, epoch)
 
 
 def stop_after_epoch(run: Run, mngr, epoch: int) -> None:

@@ -27,10 +27,11 @@ from test_resume import (
 
 from cnnjax import checkpoint, preemption
 
-# Signal to exit: the step in flight (~0.1 s here) + the preemption save (~0.1-0.5 s measured on
-# 2 loaded cores, README "Preemption") + closing the run and the interpreter (~1-3 s with JAX,
-# Orbax and TensorBoard loaded). 30 s is ten times their sum on a loaded machine: a stop that
-# waited for the epoch, an evaluation or a hang would exceed it.
+# Signal to exit: the step in flight + the preemption save + closing the run and the interpreter
+# (JAX, Orbax, TensorBoard). Measured (README "Preemption", 2 cores at load average 7-10): a step
+# 75-200 ms, the save 0.2-0.3 s, signal to exit 3.4-7.0 s in all. 30 s is over 4 times the
+# worst of those; a stop that waited for the rest of the epoch, an evaluation or a hang would
+# exceed it.
 EXIT_BOUND_S = 30.0
 
 

@@ -47,6 +47,8 @@ RECIPE = [
     "--config.data.limit_examples=256",
     "--config.data.eval_batch_size=128",
 ]
+# The environment variables of kill_points/sitecustomize.py that env() sets.
+HOOK_VARS = ("CNNJAX_PAUSE", "CNNJAX_PAUSE_UNTIL", "CNNJAX_SIGNAL_AT_STEP", "CNNJAX_SIGNAL_PROCESS")
 TIMING_KEYS = {"wall_s", "train_images_per_sec"}
 STATE_KEYS = {"step", "params", "opt_state", "batch_stats", "ema_params", "plateau"}
 
@@ -63,11 +65,11 @@ def env(pause: str | None = None, marker: Path | None = None, **hooks: str) -> d
     # over twice as long compiling.
     e = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     e["PYTHONPATH"] = os.pathsep.join([str(KILL_POINTS), str(REPO), e.get("PYTHONPATH", "")])
-    for name in ("CNNJAX_PAUSE", "CNNJAX_PAUSE_UNTIL", "CNNJAX_SIGNAL_AT_STEP"):
+    for name in HOOK_VARS:
         e.pop(name, None)
     if pause:
         e |= {"CNNJAX_PAUSE": pause, "CNNJAX_PAUSE_MARKER": str(marker)}
-    # until="signal", signal_at_step="N": CNNJAX_PAUSE_UNTIL, CNNJAX_SIGNAL_AT_STEP
+    # until="signal", signal_at_step="N", signal_process="I": CNNJAX_PAUSE_UNTIL, ...
     e |= {f"CNNJAX_{'PAUSE_' if k == 'until' else ''}{k.upper()}": v for k, v in hooks.items()}
     return e
 

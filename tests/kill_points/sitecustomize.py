@@ -20,7 +20,9 @@ restart finds on disk does not depend on timing. The hooks only wait: nothing is
 differently. Without ``CNNJAX_PAUSE`` nothing is patched.
 
 With ``CNNJAX_SIGNAL_AT_STEP=N`` the process sends itself SIGTERM at the progress log of step N
-(so, with ``CNNJAX_PAUSE=preempted:N``, a kill can land in the preemption save).
+(so, with ``CNNJAX_PAUSE=preempted:N``, a kill can land in the preemption save); with
+``CNNJAX_SIGNAL_PROCESS=I`` too, only the process of ``--process_id=I`` does (a multi-process run
+where one process is preempted).
 
 With ``CNNJAX_PAUSE_UNTIL=signal`` the process waits at the point only until the trainer has
 recorded a SIGTERM or SIGINT (``cnnjax.preemption``), then goes on, so a test can signal it at a
@@ -142,7 +144,8 @@ def _signal_at(n: int) -> None:
     metrics.Writer.scalars = signalling_scalars
 
 
-if os.environ.get("CNNJAX_SIGNAL_AT_STEP"):
+_only = os.environ.get("CNNJAX_SIGNAL_PROCESS")
+if os.environ.get("CNNJAX_SIGNAL_AT_STEP") and (not _only or f"--process_id={_only}" in sys.argv):
     _signal_at(int(os.environ["CNNJAX_SIGNAL_AT_STEP"]))
 if os.environ.get("CNNJAX_PAUSE"):
     _phase, _, _n = os.environ["CNNJAX_PAUSE"].partition(":")
