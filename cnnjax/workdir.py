@@ -18,11 +18,9 @@ checkpoint a rerun resumes from. Every other error passes through unchanged.
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -59,14 +57,21 @@ class DiskError(CnnjaxError):
 # ------------------------------------------------------------------------------------ lock
 
 
-def holder(workdir) -> str:
-    """Who holds ``workdir``'s lock, from the lock file (``"pid N"``, ``"pid N on HOST"``)."""
+def holder(fd: int) -> str:
+    """Who holds the flock on the open file ``fd``: ``"pid N"`` from the kernel's table of
+    locks (``/proc/locks``, Linux), else ``"another process"`` (another system, or a holder on
+    another machine of a network filesystem)."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
-        owner = json.loads((Path(workdir) / LOCK_FILE).read_text())
-        pid, host = int(owner["pid"]), str(owner["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"  # it took the lock and has not written its pid yet
-    return f"pid {pid}" if host == socket.gethostname() else f"pid {pid} on {host}"
+        table = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "another process"
+    for entry in table:
+        fields = entry.split()  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return f"pid {fields[4]}"
+    return "another process"
 
 
 @contextlib.contextmanager
@@ -74,8 +79,8 @@ def lock(workdir, enabled: bool = True):
     """Holds ``WORKDIR/train.lock`` exclusively for the ``with`` block (nothing if not
     ``enabled``).
 
-    The file is opened without truncation and written only once the lock is held, so a refused
-    process leaves the workdir byte for byte as it found it.
+    Nothing is written: the file is created empty when missing and never changed (the holder's
+    pid comes from the kernel), so a refused process leaves the workdir as it found it.
 
     Raises:
       WorkdirBusyError: another process holds it.
@@ -86,6 +91,7 @@ def lock(workdir, enabled: bool = True):
         return
     path = Path(workdir) / LOCK_FILE
     try:
+        # Read-write, though nothing is written: NFS grants an exclusive lock only so.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise DiskError(f"--workdir={workdir} is not writable: {path}: {e.strerror}") from None
@@ -94,23 +100,12 @@ def lock(workdir, enabled: bool = True):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WorkdirBusyError(
-                f"--workdir={workdir} is in use: {holder(workdir)} is training in it "
+                f"--workdir={workdir} is in use: {holder(fd)} is training in it "
                 f"(it holds {path}); wait for it to finish or use another --workdir"
             ) from None
-        _write_owner(fd)
         yield
     finally:
         os.close(fd)  # releases the flock
-
-
-def _write_owner(fd: int) -> None:
-    """Writes this process's pid and host into the held lock file, for ``holder``."""
-    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n"
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode(), 0)
-    except OSError:  # a full disk: the lock holds all the same, the pid is only information
-        pass
 
 
 # ------------------------------------------------------------------------------ writability
