@@ -146,8 +146,9 @@ def compile_steps(config, data: Data, mesh):
     """Jits the train and eval steps once; returns ``(train_fn, eval_fn)``.
 
     Resident data: ``train_fn(state, acc, split, order, i)`` gathers batch ``i`` on the device;
-    streaming: ``train_fn(state, acc, batch)``. ``acc`` holds the metric sums; state and sums
-    are donated. ``eval_fn`` is ``evaluation.compile_eval``'s.
+    streaming: ``train_fn(state, acc, batch)``. ``acc`` holds the metric sums and the step to
+    stop at (``steps.add_metrics``); state and ``acc`` are donated. ``eval_fn`` is
+    ``evaluation.compile_eval``'s.
     """
     key = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
     augment_key = jax.random.fold_in(jax.random.key(config.seed), 3)
@@ -156,9 +157,14 @@ def compile_steps(config, data: Data, mesh):
 
     def train(state, acc, batch):
         batch = augment(jax.random.fold_in(augment_key, state.step), prepare(batch))
-        ls = config.label_smoothing
-        state, sums = steps.train_step(state, batch, key, label_smoothing=ls)
-        return state, jax.tree.map(jnp.add, acc, sums)
+        state, metrics = steps.train_step(
+            state,
+            batch,
+            key,
+            label_smoothing=config.label_smoothing,
+            skip_nonfinite=config.skip_nonfinite,
+        )
+        return state, steps.add_metrics(acc, metrics)
 
     eval_fn = evaluation.compile_eval(config, data.info, mesh, data.resident)
     if data.resident:
@@ -202,9 +208,27 @@ def run_input_shape(run: Run) -> tuple[int, int, int]:
 
 
 def restore(run: Run, mngr, model, tx, step: int | None = None):
-    """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated."""
+    """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated.
+
+    A checkpoint written with ``skip_nonfinite`` set the other way (on or off) restores too: its
+    optimizer state is unwrapped, or wrapped with no skips counted, so a diverged run can go on
+    with ``--config.skip_nonfinite`` from its last good checkpoint.
+    """
     target = restore_target(run.config, model, tx, run_input_shape(run), run.mesh)
-    return checkpoint.restore(mngr, target, step)
+    try:
+        return checkpoint.restore(mngr, target, step)
+    except CheckpointError as error:
+        other = run.config.copy_and_resolve_references()
+        other.skip_nonfinite = 0 if run.config.skip_nonfinite else 1
+        other_tx, _ = optim.create_optimizer(other, run.steps_per_epoch)
+        other_target = restore_target(other, model, other_tx, run_input_shape(run), run.mesh)
+        try:
+            state, meta = checkpoint.restore(mngr, other_target, step)
+        except CheckpointError:
+            raise error from None
+    opt_state = optim.convert_skip_state(state.opt_state, bool(run.config.skip_nonfinite))
+    opt_state = jax.device_put(opt_state, parallel.replicated(run.mesh))
+    return state.replace(tx=tx, opt_state=opt_state), meta
 
 
 def restore_or_init(run: Run, mngr, model, tx):
@@ -250,7 +274,7 @@ def stream_train(run: Run, epoch: int):
 def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):
     """One epoch. Returns ``(state, train_metrics, images_per_sec)``; images/s excludes the
     first step of the process (compilation)."""
-    c, acc = run.config, evaluation.zero_sums(run.mesh)
+    c, acc = run.config, evaluation.zero_sums(run.mesh, train=True)
     if run.data.resident:
         order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
         batches = ((run.data.train, order, i) for i in range(run.steps_per_epoch))
@@ -269,11 +293,50 @@ def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):
             jax.block_until_ready(acc)
             start, timed_steps = time.perf_counter(), run.steps_per_epoch - 1
         if (i + 1) % c.log_every_steps == 0:
+            check_steps(run, acc, epoch)
             log_progress(run, bar, writer, int(state.step), acc, start, i)
-    train_metrics = metrics_lib.means(acc, "train")  # fetching waits for the last step
+    check_steps(run, acc, epoch)  # fetching waits for the last step
+    train_metrics = metrics_lib.means(acc, "train")
     elapsed = time.perf_counter() - start
     bar.close()
     return state, train_metrics, timed_steps * c.batch_size / max(elapsed, 1e-9)
+
+
+class NonFiniteStep(Exception):
+    """Training reached a step it must stop at (``check_steps``); ``fit`` adds which checkpoint
+    is kept and raises ``TrainingDivergedError``."""
+
+
+def check_steps(run: Run, acc, epoch: int) -> None:
+    """Raises ``NonFiniteStep`` when the steps so far in ``acc`` reached one to stop at: the
+    first with non-finite loss or gradients, or with ``skip_nonfinite`` = N the N-th skipped
+    update in a row. Called where the metrics are fetched anyway (every ``log_every_steps`` and
+    at the end of the epoch), before any checkpoint of the steps it covers."""
+    stop = int(jax.device_get(acc["stop_step"]))
+    if stop == steps.NO_STEP:
+        return
+    n = run.config.skip_nonfinite
+    if not n:
+        raise NonFiniteStep(f"loss/gradients not finite at step {stop} (epoch {epoch + 1})")
+    raise NonFiniteStep(
+        f"{n} updates in a row with non-finite gradients were skipped, the most "
+        f"--config.skip_nonfinite={n} allows (steps {stop - n + 1}-{stop}, epoch {epoch + 1})"
+    )
+
+
+def diverged(run: Run, mngr, what: str) -> TrainingDivergedError:
+    """The one-line error of a diverged run: ``what`` happened, and which checkpoint is kept."""
+    kept = mngr.latest_step()
+    if kept is None:
+        kept_text = "no checkpoint was written before it"
+    else:
+        epochs = [x["epoch"] for x in metrics_lib.read_lines(run.workdir) if x["step"] == kept]
+        epoch = epochs[-1] if epochs else kept // run.steps_per_epoch
+        kept_text = f"the last good checkpoint (step {kept}, epoch {epoch}) is kept"
+    fixes = "--config.grad_clip_norm"
+    if not run.config.skip_nonfinite:
+        fixes += " or --config.skip_nonfinite"
+    return TrainingDivergedError(f"{what}; {kept_text}: lower the learning rate or enable {fixes}")
 
 
 def log_progress(run: Run, bar, writer, step: int, acc, start: float, i: int) -> None:
@@ -295,6 +358,9 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
         **train_m,
         **split_metrics(run, state, "validation"),
     }
+    skips = optim.skip_state(state.opt_state)
+    if skips is not None:
+        line["skipped_updates"] = int(skips.total_notfinite)  # since the run began
     if epoch + 1 == run.config.num_epochs:
         line.update(split_metrics(run, state, "test"))
     scale = 1.0 if state.plateau is None else float(state.plateau.scale)
@@ -361,15 +427,15 @@ def fit(run: Run, state, done: int, mngr, writer) -> dict:
     for epoch in range(done, c.num_epochs):
         if should_stop_early(c, metrics_lib.read_lines(run.workdir)):
             return finish_early(run, mngr, writer)
-        state, train_m, ips = train_epoch(run, state, epoch, writer, epoch == done)
+        try:
+            state, train_m, ips = train_epoch(run, state, epoch, writer, epoch == done)
+        except NonFiniteStep as e:
+            raise diverged(run, mngr, str(e)) from None
         line = epoch_line(run, state, epoch, train_m, ips)
         state = step_plateau(run, state, line["eval_loss"])
         if not metrics_lib.all_finite(line):
-            raise TrainingDivergedError(
-                f"loss is not finite at epoch {epoch + 1} (step {int(state.step)}); the last "
-                f"good checkpoint (step {mngr.latest_step()}) is kept: lower the learning rate "
-                "or enable --config.grad_clip_norm"
-            )
+            what = f"loss is not finite at epoch {epoch + 1} (step {int(state.step)})"
+            raise diverged(run, mngr, what)
         writer.epoch(line)
         if jax.process_index() == 0:
             print(format_line(line), flush=True)
