@@ -98,8 +98,9 @@ def convert_skip_state(opt_state, skip: bool):
     inner = opt_state.inner_state if skip_state(opt_state) is not None else opt_state
     if not skip:
         return inner
-    zero = jnp.zeros([], jnp.int32)
-    return optax.ApplyIfFiniteState(zero, jnp.array(True), zero, inner)
+    # Two separate zeros: the train step donates the state, and one buffer cannot be donated twice.
+    count, total = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
+    return optax.ApplyIfFiniteState(count, jnp.array(True), total, inner)
 
 
 def _grouped_optimizer(config, steps_per_epoch: int):

@@ -27,7 +27,7 @@ def poisoned(bad_updates, what: str = "loss"):
     def loss_and_grads(state, batch, key, label_smoothing):
         bad = jnp.isin(state.step + 1, jnp.array(bad_updates))
         if what == "loss":
-            batch = {**batch, "image": jnp.where(bad, jnp.nan, batch["image"])}
+            batch = {**batch, "image": batch["image"] * jnp.where(bad, jnp.nan, 1.0)}
             return ORIGINAL(state, batch, key, label_smoothing)
         grads, aux = ORIGINAL(state, batch, key, label_smoothing)
         return jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads), aux
