@@ -360,7 +360,7 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     }
     skips = optim.skip_state(state.opt_state)
     if skips is not None:
-        line["skipped_updates"] = int(skips.total_notfinite)  # since the run began
+        line["skipped_updates"] = int(skips.total_notfinite)  # since skip mode was on
     if epoch + 1 == run.config.num_epochs:
         line.update(split_metrics(run, state, "test"))
     scale = 1.0 if state.plateau is None else float(state.plateau.scale)
