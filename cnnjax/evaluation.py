@@ -57,11 +57,14 @@ def compile_eval(config, info: pipeline.DatasetInfo, mesh, resident: bool):
     return jax.jit(sliced, donate_argnums=1)
 
 
-def zero_sums(mesh, num_classes: int | None = None) -> dict:
-    """Fresh on-device metric sums (with a confusion matrix for evaluation)."""
+def zero_sums(mesh, num_classes: int | None = None, train: bool = False) -> dict:
+    """Fresh on-device metric sums (with a confusion matrix for evaluation; with
+    ``steps.train_step``'s ``stop_step`` for training)."""
     zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
     if num_classes:
         zeros["confusion"] = jnp.zeros((num_classes, num_classes), jnp.float32)
+    if train:
+        zeros["stop_step"] = jnp.array(steps.NO_STEP, jnp.int32)
     return jax.device_put(zeros, parallel.replicated(mesh))
 
 

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from cnnjax.registry import Registry
@@ -74,7 +75,35 @@ def create_optimizer(config, steps_per_epoch: int):
     """Returns ``(tx, schedule)``: ``config.optimizer`` with masked weight decay and optional
     gradient clipping, and for transfer learning a ``multi_transform`` that gives parameters
     matching ``config.freeze`` zero updates and those matching ``config.finetune`` the learning
-    rate times ``config.finetune_lr_factor``."""
+    rate times ``config.finetune_lr_factor``. With ``config.skip_nonfinite`` (N > 0) the whole
+    of it is wrapped in ``optax.apply_if_finite``: an update whose gradients are not all finite
+    is dropped (zero update, inner state unchanged), up to N in a row; optax applies the next
+    one anyway, so the trainer stops at the N-th (``trainer.check_steps``)."""
+    tx, schedule = _grouped_optimizer(config, steps_per_epoch)
+    if config.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite)
+    return tx, schedule
+
+
+def skip_state(opt_state) -> optax.ApplyIfFiniteState | None:
+    """The ``apply_if_finite`` state of an optimizer state (its counts of non-finite updates),
+    or None when ``skip_nonfinite`` is off."""
+    return opt_state if isinstance(opt_state, optax.ApplyIfFiniteState) else None
+
+
+def convert_skip_state(opt_state, skip: bool):
+    """``opt_state`` wrapped in a fresh ``apply_if_finite`` state (no skips counted) when
+    ``skip``, else unwrapped: for a checkpoint written with ``skip_nonfinite`` set the other
+    way (the inner optimizer state is the same either way)."""
+    inner = opt_state.inner_state if skip_state(opt_state) is not None else opt_state
+    if not skip:
+        return inner
+    # Two separate zeros: the train step donates the state, and one buffer cannot be donated twice.
+    count, total = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
+    return optax.ApplyIfFiniteState(count, jnp.array(True), total, inner)
+
+
+def _grouped_optimizer(config, steps_per_epoch: int):
     if not (config.freeze or config.finetune):
         return _base_optimizer(config, steps_per_epoch)
     # Clipping sees the global norm of every trained gradient, before the groups split (inside

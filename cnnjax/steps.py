@@ -40,12 +40,18 @@ def metric_sums(logits, labels, loss, weights=None) -> dict:
     }
 
 
-def train_step(state, batch, key, *, label_smoothing: float = 0.0):
-    """One optimizer step on ``batch``; returns ``(new_state, metric_sums)``.
+# ``stop_step`` of a step the run need not stop at (the min over steps keeps the first real one).
+NO_STEP = jnp.iinfo(jnp.int32).max
 
-    Randomness (dropout) comes from ``fold_in(key, state.step)``, so a resumed run replays the
-    exact same keys.
-    """
+
+def all_finite(tree) -> jax.Array:
+    """Whether every entry of every leaf is finite: ``optax.apply_if_finite``'s test."""
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def loss_and_grads(state, batch, key, label_smoothing: float):
+    """Gradients of the mean loss on ``batch``, with ``(loss (N,), logits (N, K), updates)``:
+    per-example losses, the logits and the new BatchNorm statistics (training mode)."""
     rngs = {"dropout": jax.random.fold_in(key, state.step)}
 
     def loss_fn(params):
@@ -57,9 +63,40 @@ def train_step(state, batch, key, *, label_smoothing: float = 0.0):
         loss = cross_entropy(logits, batch["label"], label_smoothing)
         return jnp.mean(loss), (loss, logits, updates)
 
-    grads, (loss, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
-    return state, metric_sums(logits, batch["label"], loss)
+    return jax.grad(loss_fn, has_aux=True)(state.params)
+
+
+def train_step(state, batch, key, *, label_smoothing: float = 0.0, skip_nonfinite: int = 0):
+    """One optimizer step on ``batch``; returns ``(new_state, metrics)``.
+
+    ``metrics``: the step's metric sums (zero when its loss or gradients are not all finite, so
+    an epoch's means stay those of its finite steps) and ``stop_step``: this step's number
+    (``new_state.step``) if the run must stop at it, else ``NO_STEP``. It must stop at a step
+    whose loss or gradients are not finite; with ``skip_nonfinite`` = N > 0 (the optimizer
+    wrapped in ``optax.apply_if_finite`` with the same N, which drops such updates), at the N-th
+    dropped update in a row instead. ``add_metrics`` accumulates steps, keeping the first stop.
+
+    Randomness (dropout) comes from ``fold_in(key, state.step)``, so a resumed run replays the
+    exact same keys.
+    """
+    grads, (loss, logits, updates) = loss_and_grads(state, batch, key, label_smoothing)
+    finite = all_finite((loss, grads))
+    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    if skip_nonfinite:
+        stop = new_state.opt_state.notfinite_count >= skip_nonfinite
+    else:
+        stop = jnp.logical_not(finite)
+    sums = metric_sums(logits, batch["label"], loss)
+    sums = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), sums)
+    return new_state, {**sums, "stop_step": jnp.where(stop, new_state.step, NO_STEP)}
+
+
+def add_metrics(acc: dict, metrics: dict) -> dict:
+    """Train metrics of several steps as one: the sums add up, ``stop_step`` keeps the first."""
+    return {
+        k: jnp.minimum(a, metrics[k]) if k == "stop_step" else a + metrics[k]
+        for k, a in acc.items()
+    }
 
 
 def predict_logits(state, images, *, flip_tta: bool = False):

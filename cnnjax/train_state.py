@@ -2,6 +2,7 @@
 
 import contextlib
 import re
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -42,7 +43,12 @@ class TrainState(train_state.TrainState):
     frozen: str = struct.field(pytree_node=False, default="")
 
     def apply_gradients(self, *, grads, batch_stats=None, **kwargs):
-        """One optimizer update, then the EMA and the (un-frozen) BatchNorm statistics."""
+        """One optimizer update, then the EMA and the (un-frozen) BatchNorm statistics.
+
+        When the optimizer is wrapped in ``optax.apply_if_finite`` (``skip_nonfinite``) and it
+        drops this update (gradients not all finite), the EMA and the BatchNorm statistics keep
+        their old values too: a NaN batch would otherwise poison them. ``step`` still counts it.
+        """
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         if self.plateau is not None:
             updates = optax.tree.scale(self.plateau.scale, updates)
@@ -53,12 +59,19 @@ class TrainState(train_state.TrainState):
             # average follows the weights closely instead of dragging the random init along.
             decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
             ema = optax.incremental_update(params, ema, 1.0 - decay)
+        batch_stats = self.batch_stats if batch_stats is None else batch_stats
+        if isinstance(opt_state, optax.ApplyIfFiniteState):
+            # optax's own verdict on these gradients (after its give-up count the update is
+            # applied, yet these stay: the trainer stops there).
+            keep_old = partial(jnp.where, opt_state.last_finite)
+            ema = None if ema is None else jax.tree.map(keep_old, ema, self.ema_params)
+            batch_stats = jax.tree.map(keep_old, batch_stats, self.batch_stats)
         return self.replace(
             step=self.step + 1,
             params=params,
             opt_state=opt_state,
             ema_params=ema,
-            batch_stats=self.batch_stats if batch_stats is None else batch_stats,
+            batch_stats=batch_stats,
             **kwargs,
         )
 

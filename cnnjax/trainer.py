@@ -159,8 +159,9 @@ def compile_steps(config, data: Data, mesh):
     """Jits the train and eval steps once; returns ``(train_fn, eval_fn)``.
 
     Resident data: ``train_fn(state, acc, split, order, i)`` gathers batch ``i`` on the device;
-    streaming: ``train_fn(state, acc, batch)``. ``acc`` holds the metric sums; state and sums
-    are donated. ``eval_fn`` is ``evaluation.compile_eval``'s.
+    streaming: ``train_fn(state, acc, batch)``. ``acc`` holds the metric sums and the step to
+    stop at (``steps.add_metrics``); state and ``acc`` are donated. ``eval_fn`` is
+    ``evaluation.compile_eval``'s.
     """
     key = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
     augment_key = jax.random.fold_in(jax.random.key(config.seed), 3)
@@ -169,9 +170,14 @@ def compile_steps(config, data: Data, mesh):
 
     def train(state, acc, batch):
         batch = augment(jax.random.fold_in(augment_key, state.step), prepare(batch))
-        ls = config.label_smoothing
-        state, sums = steps.train_step(state, batch, key, label_smoothing=ls)
-        return state, jax.tree.map(jnp.add, acc, sums)
+        state, metrics = steps.train_step(
+            state,
+            batch,
+            key,
+            label_smoothing=config.label_smoothing,
+            skip_nonfinite=config.skip_nonfinite,
+        )
+        return state, steps.add_metrics(acc, metrics)
 
     eval_fn = evaluation.compile_eval(config, data.info, mesh, data.resident)
     if data.resident:
@@ -215,9 +221,27 @@ def run_input_shape(run: Run) -> tuple[int, int, int]:
 
 
 def restore(run: Run, mngr, model, tx, step: int | None = None):
-    """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated."""
+    """The checkpointed ``(state, meta)`` at ``step`` (default: latest), replicated.
+
+    A checkpoint written with ``skip_nonfinite`` set the other way (on or off) restores too: its
+    optimizer state is unwrapped, or wrapped with no skips counted, so a diverged run can go on
+    with ``--config.skip_nonfinite`` from its last good checkpoint.
+    """
     target = restore_target(run.config, model, tx, run_input_shape(run), run.mesh)
-    return checkpoint.restore(mngr, target, step)
+    try:
+        return checkpoint.restore(mngr, target, step)
+    except CheckpointError as error:
+        other = run.config.copy_and_resolve_references()
+        other.skip_nonfinite = 0 if run.config.skip_nonfinite else 1
+        other_tx, _ = optim.create_optimizer(other, run.steps_per_epoch)
+        other_target = restore_target(other, model, other_tx, run_input_shape(run), run.mesh)
+        try:
+            state, meta = checkpoint.restore(mngr, other_target, step)
+        except CheckpointError:
+            raise error from None
+    opt_state = optim.convert_skip_state(state.opt_state, bool(run.config.skip_nonfinite))
+    opt_state = jax.device_put(opt_state, parallel.replicated(run.mesh))
+    return state.replace(tx=tx, opt_state=opt_state), meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +264,7 @@ def restore_or_init(run: Run, mngr, model, tx):
     elif preempted is not None:
         target = restore_target(run.config, model, tx, run_input_shape(run), run.mesh)
         acc = checkpoint.abstract_with_sharding(
-            evaluation.zero_sums(run.mesh), parallel.replicated(run.mesh)
+            evaluation.zero_sums(run.mesh, train=True), parallel.replicated(run.mesh)
         )
         state, acc, meta = checkpoint.restore_preempted(run.workdir, preempted, target, acc)
         return state, int(meta["epoch"]), Position(int(meta["epoch"]), int(meta["batch"]), acc)
@@ -297,11 +321,14 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
     metric sums, images_per_sec)``.
 
     Raises:
+      NonFiniteStep: a step the run must stop at (``check_steps``).
       Preempted: a signal came; the preemption checkpoint after the current step is saved.
     """
     c = run.config
     first, acc = (
-        (0, evaluation.zero_sums(run.mesh)) if resume is None else (resume.batch, resume.acc)
+        (0, evaluation.zero_sums(run.mesh, train=True))
+        if resume is None
+        else (resume.batch, resume.acc)
     )
     if run.data.resident:
         order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
@@ -323,12 +350,14 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
             jax.block_until_ready(acc)
             start, timed_steps = time.perf_counter(), run.steps_per_epoch - first - 1
         if (i + 1) % c.log_every_steps == 0:
+            check_steps(run, acc, epoch)
             log_progress(run, bar, writer, int(state.step), acc, start, i)
         signum = preemption.stop_signal(step0 + i + 1)
         if signum is not None:
             bar.close()
+            check_steps(run, acc, epoch)  # never a checkpoint after a non-finite step
             preempt(run, state, Position(epoch, i + 1, acc), step0 + i + 1, signum)
-    jax.block_until_ready(acc)  # the epoch's time includes its last step
+    check_steps(run, acc, epoch)  # fetching waits for the last step: the epoch's time has it
     elapsed = time.perf_counter() - start
     bar.close()
     return state, acc, timed_steps * c.batch_size / max(elapsed, 1e-9)
@@ -346,6 +375,43 @@ def preempt(run: Run, state, position: Position, step: int, signum: int):
         f"batch {position.batch}/{run.steps_per_epoch}); saved {path} in "
         f"{time.perf_counter() - start:.1f} s; the same command resumes from it",
     )
+
+
+class NonFiniteStep(Exception):
+    """Training reached a step it must stop at (``check_steps``); ``fit`` adds which checkpoint
+    is kept and raises ``TrainingDivergedError``."""
+
+
+def check_steps(run: Run, acc, epoch: int) -> None:
+    """Raises ``NonFiniteStep`` when the steps so far in ``acc`` reached one to stop at: the
+    first with non-finite loss or gradients, or with ``skip_nonfinite`` = N the N-th skipped
+    update in a row. Called where the metrics are fetched anyway (every ``log_every_steps`` and
+    at the end of the epoch), before any checkpoint of the steps it covers."""
+    stop = int(jax.device_get(acc["stop_step"]))
+    if stop == steps.NO_STEP:
+        return
+    n = run.config.skip_nonfinite
+    if not n:
+        raise NonFiniteStep(f"loss/gradients not finite at step {stop} (epoch {epoch + 1})")
+    raise NonFiniteStep(
+        f"{n} updates in a row with non-finite gradients were skipped, the most "
+        f"--config.skip_nonfinite={n} allows (steps {stop - n + 1}-{stop}, epoch {epoch + 1})"
+    )
+
+
+def diverged(run: Run, mngr, what: str) -> TrainingDivergedError:
+    """The one-line error of a diverged run: ``what`` happened, and which checkpoint is kept."""
+    kept = mngr.latest_step()
+    if kept is None:
+        kept_text = "no checkpoint was written before it"
+    else:
+        epochs = [x["epoch"] for x in metrics_lib.read_lines(run.workdir) if x["step"] == kept]
+        epoch = epochs[-1] if epochs else kept // run.steps_per_epoch
+        kept_text = f"the last good checkpoint (step {kept}, epoch {epoch}) is kept"
+    fixes = "--config.grad_clip_norm"
+    if not run.config.skip_nonfinite:
+        fixes += " or --config.skip_nonfinite"
+    return TrainingDivergedError(f"{what}; {kept_text}: lower the learning rate or enable {fixes}")
 
 
 def log_progress(run: Run, bar, writer, step: int, acc, start: float, i: int) -> None:
@@ -367,6 +433,9 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
         **train_m,
         **split_metrics(run, state, "validation"),
     }
+    skips = optim.skip_state(state.opt_state)
+    if skips is not None:
+        line["skipped_updates"] = int(skips.total_notfinite)  # since skip mode was on
     if epoch + 1 == run.config.num_epochs:
         line.update(split_metrics(run, state, "test"))
     scale = 1.0 if state.plateau is None else float(state.plateau.scale)
@@ -463,7 +532,10 @@ def fit(run: Run, state, done: int, mngr, writer, position: Position | None = No
         if should_stop_early(c, metrics_lib.read_lines(run.workdir)):
             return finish_early(run, mngr, writer)
         resume = position if epoch == done else None
-        state, acc, ips = epoch_steps(run, state, epoch, writer, epoch == done, resume)
+        try:
+            state, acc, ips = epoch_steps(run, state, epoch, writer, epoch == done, resume)
+        except NonFiniteStep as e:
+            raise diverged(run, mngr, str(e)) from None
         try:
             line = epoch_line(run, state, epoch, metrics_lib.means(acc, "train"), ips)
         except preemption.Interrupted as e:  # the epoch's steps are done: keep them
@@ -472,11 +544,8 @@ def fit(run: Run, state, done: int, mngr, writer, position: Position | None = No
             )
         state = step_plateau(run, state, line["eval_loss"])
         if not metrics_lib.all_finite(line):
-            raise TrainingDivergedError(
-                f"loss is not finite at epoch {epoch + 1} (step {int(state.step)}); the last "
-                f"good checkpoint (step {mngr.latest_step()}) is kept: lower the learning rate "
-                "or enable --config.grad_clip_norm"
-            )
+            what = f"loss is not finite at epoch {epoch + 1} (step {int(state.step)})"
+            raise diverged(run, mngr, what)
         writer.epoch(line)
         if jax.process_index() == 0:
             print(format_line(line), flush=True)

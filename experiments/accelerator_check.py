@@ -117,7 +117,7 @@ def check_fast(quick: bool, epochs: int) -> dict:
     order_key = jax.random.fold_in(key, 2)
     start = compiled = time.perf_counter()
     for epoch in range(config.num_epochs):
-        acc = evaluation.zero_sums(mesh)
+        acc = evaluation.zero_sums(mesh, train=True)
         order = pipeline.epoch_permutation(order_key, epoch, n_train)
         for i in range(steps_per_epoch):
             state, acc = train_fn(state, acc, data.train, order, i)

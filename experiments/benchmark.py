@@ -151,7 +151,7 @@ def cnnjax_worker(args) -> dict:
     model = trainer.build_model(config, run.data.info.num_classes)
     tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
     state = trainer.initial_state(config, model, tx, run.data.info.image_shape, run.mesh)
-    holder = {"state": state, "acc": evaluation.zero_sums(run.mesh)}
+    holder = {"state": state, "acc": evaluation.zero_sums(run.mesh, train=True)}
     order = pipeline.epoch_permutation(run.key, 0, len(run.data.train["label"]))
 
     def step(i):

@@ -106,8 +106,16 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     trainer.train_and_evaluate(good, tmp_path)
     bad = tiny_config.copy_and_resolve_references()
     bad.learning_rate = 1e30  # nan is refused before training; this overflows at once
-    with pytest.raises(TrainingDivergedError, match="not finite at epoch 2.*step 16"):
+    # Update 17 (epoch 2's first) is computed from good weights, so its loss and gradients are
+    # finite; Adam's first step moves each weight by about +-1e30, and update 18's forward pass
+    # overflows float32 (two stacked 1e30-weight layers): 18 is the first bad step, named though
+    # the run only looks at the metrics after update 21 (log_every_steps=5).
+    with pytest.raises(TrainingDivergedError) as raised:
         trainer.train_and_evaluate(bad, tmp_path)
+    assert str(raised.value).startswith(
+        "loss/gradients not finite at step 18 (epoch 2); the last good checkpoint (step 16, "
+        "epoch 1) is kept"
+    )
     assert checkpoint.manager(tmp_path, read_only=True).all_steps() == [16]
     params, meta = final_params(good, tmp_path)
     assert meta["epoch"] == 1

@@ -33,6 +33,8 @@ def test_every_preset_passes_and_every_key_has_a_rule(preset):
         ("lr_decay_at", (0.5, 1.0), "--config.lr_decay_at=(0.5, 1.0) must be increasing numbers"),
         ("lr_decay_factor", 0.0, "--config.lr_decay_factor=0.0 must be a finite number in (0, 1]"),
         ("label_smoothing", 1.0, "--config.label_smoothing=1.0 must be a finite number in [0, 1)"),
+        ("skip_nonfinite", -1, "--config.skip_nonfinite=-1 must be an integer >= 0"),
+        ("skip_nonfinite", 0.5, "--config.skip_nonfinite=0.5 must be an integer >= 0"),
         ("seed", -1, "--config.seed=-1 must be an integer in [0, 4294967295]"),
         ("plateau.min_scale", 0.0, "--config.plateau.min_scale=0.0 must be a finite number in (0"),
         ("plateau.patience", -1, "--config.plateau.patience=-1 must be an integer >= 0"),

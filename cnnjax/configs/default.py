@@ -27,6 +27,10 @@ def get_config() -> ConfigDict:
     c.nesterov = True
     c.weight_decay = 5e-4  # on conv/dense kernels only
     c.grad_clip_norm = 0.0  # 0: off
+    # Non-finite loss or gradients stop the run (the last good checkpoint stays the latest).
+    # N > 0: skip such updates instead (optax.apply_if_finite; BatchNorm statistics and EMA skip
+    # them too), counted in metrics.jsonl's skipped_updates, and stop at the N-th in a row.
+    c.skip_nonfinite = 0
     c.schedule = "onecycle"  # constant | warmup_cosine | onecycle | piecewise
     c.warmup_epochs = 1.0
     c.final_lr_factor = 0.0  # warmup_cosine: final lr = learning_rate * this

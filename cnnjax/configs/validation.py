@@ -47,6 +47,7 @@ RULES: dict[str, r.Rule] = {
     "nesterov": r.BOOL,
     "weight_decay": _NON_NEGATIVE,
     "grad_clip_norm": _NON_NEGATIVE,
+    "skip_nonfinite": _COUNT,
     "warmup_epochs": _NON_NEGATIVE,  # and <= num_epochs: CROSS_RULES
     "final_lr_factor": _NON_NEGATIVE,
     "lr_decay_at": r.increasing(0, 1),
