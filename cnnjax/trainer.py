@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cnnjax import checkpoint, configs, evaluation, models, optim, parallel, plots, steps, transfer
+from cnnjax import kernels as kernels_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax.configs import validation
 from cnnjax.data import augment as augment_lib
@@ -304,8 +305,17 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     return line
 
 
+def select_conv_backend(config) -> str:
+    """Makes ``config.conv_backend`` the process's convolution backend (``cnnjax.kernels``)
+    and writes what it resolved to (``xla`` or ``onednn``) back, so config.json records it."""
+    with config.unlocked():
+        config.conv_backend = kernels_lib.select(config.get("conv_backend"))
+    return config.conv_backend
+
+
 def setup(config, workdir: Path) -> Run:
     """Mesh, data, optimizer and compiled steps for ``config``."""
+    select_conv_backend(config)  # before anything is traced
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
@@ -333,6 +343,7 @@ def train_and_evaluate(config, workdir) -> dict:
     validation.check(config)
     validate_names(config)
     workdir = validation.check_workdir(workdir, create=jax.process_index() == 0)
+    select_conv_backend(config)
     check_workdir(config, workdir)
     run = setup(config, workdir)
     if jax.process_index() == 0:

@@ -65,9 +65,12 @@ def fwd_bwd(conv, shape):
         return (y, *vjp(dy))
 
     x = jax.ShapeDtypeStruct((BATCH, h, w, c), "float32")
-    out = jax.eval_shape(lambda x: lax.conv_general_dilated(
-        x, jax.ShapeDtypeStruct((k, k, c, o), "float32"), (s, s), pad, dimension_numbers=dn
-    ), x)
+    out = jax.eval_shape(
+        lambda x: lax.conv_general_dilated(
+            x, jax.ShapeDtypeStruct((k, k, c, o), "float32"), (s, s), pad, dimension_numbers=dn
+        ),
+        x,
+    )
     return jax.jit(step), out.shape
 
 
@@ -128,8 +131,10 @@ def main(argv=None):
         return
     load = os.getloadavg()[0]
     results = {f: run_child(f, args) for f in args.flags}
-    print(f"batch {BATCH}, fwd+bwd ms (median of {args.rounds} alternating calls), "
-          f"load avg {load:.2f} -> {os.getloadavg()[0]:.2f}, cpus={os.cpu_count()}")
+    print(
+        f"batch {BATCH}, fwd+bwd ms (median of {args.rounds} alternating calls), "
+        f"load avg {load:.2f} -> {os.getloadavg()[0]:.2f}, cpus={os.cpu_count()}"
+    )
     cols = [(f, m) for f in args.flags for m in METHODS]
     print(f"{'layer':<32}" + "".join(f"{f + ' ' + m:>20}" for f, m in cols) + "  best oneDNN/XLA")
     for name in results[args.flags[0]]:
