@@ -192,3 +192,17 @@ def test_nn_conv_accepts_the_dispatcher():
     x = jnp.ones((1, 5, 5, 1))
     variables = conv.init(jax.random.key(0), x)
     assert conv.apply(variables, x).shape == (1, 5, 5, 2)
+
+
+def test_trainer_records_the_resolved_backend(lib, backend, monkeypatch):
+    """config.json gets what ran: ``auto`` becomes ``kernels.AUTO``, or ``$CNNJAX_CONV``."""
+    from cnnjax import trainer
+    from cnnjax.configs import tiny
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    config = tiny.get_config()
+    assert trainer.select_conv_backend(config) == config.conv_backend == kernels.AUTO
+    monkeypatch.setenv(kernels.ENV, "onednn")
+    config = tiny.get_config()
+    assert trainer.select_conv_backend(config) == "onednn" == kernels.active()
+    assert '"conv_backend": "onednn"' in config.to_json_best_effort()

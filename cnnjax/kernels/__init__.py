@@ -25,8 +25,12 @@ from jax import lax
 
 BACKENDS = ("auto", "xla", "onednn")
 ENV = "CNNJAX_CONV"
-AUTO = "xla"  # oneDNN did not beat XLA in the whole step: experiments/README.md
-# OpenMP threads per oneDNN call, measured (experiments/README.md); 0 = OpenMP's default.
+# What ``auto`` picks on CPU. Measured (experiments/README.md, "oneDNN convolutions (FFI)"):
+# oneDNN made resnet20's whole step 1.3-1.5x faster but simple_cnn's, the default preset's
+# model, 0.65-1.03x: not faster on both, so not the default.
+AUTO = "xla"
+# OpenMP threads per oneDNN call; 0 = OpenMP's default (OMP_NUM_THREADS, else one per core).
+# Measured: 2 threads beat 1 per layer on a quiet 2-core machine, 1 beat 2 on a loaded one.
 ONEDNN_THREADS = 0
 
 log = logging.getLogger(__name__)
@@ -65,8 +69,9 @@ def _load_onednn() -> bool:
 
 def select(name: str | None = None) -> str:
     """Makes ``name`` (see ``resolve``) this process's backend; returns ``xla`` or ``onednn``."""
-    if _state["requested"] != name or _state["active"] is None:
-        _state["requested"], _state["active"] = name, resolve(name)
+    requested = (name, os.environ.get(ENV))
+    if _state["requested"] != requested or _state["active"] is None:
+        _state["requested"], _state["active"] = requested, resolve(name)
     return _state["active"]
 
 
