@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax import kernels
 from cnnjax.pooling import (  # noqa: F401  (re-exported: the pooling layers live there)
     AdaptiveAvgPool,
     AvgPool,
@@ -90,6 +91,7 @@ class ConvBN(nn.Module):
             use_bias=self.norm is None,
             kernel_init=conv_kernel_init,
             dtype=self.dtype,
+            conv_general_dilated=kernels.conv_general_dilated,  # XLA's or oneDNN's (CPU)
             name="conv",
         )(x)
         if self.norm is not None:

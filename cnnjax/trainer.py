@@ -28,6 +28,7 @@ from cnnjax import (
     steps,
     transfer,
 )
+from cnnjax import kernels as kernels_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax import workdir as workdir_lib
 from cnnjax.configs import validation
@@ -445,8 +446,17 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     return line
 
 
+def select_conv_backend(config) -> str:
+    """Makes ``config.conv_backend`` the process's convolution backend (``cnnjax.kernels``)
+    and writes what it resolved to (``xla`` or ``onednn``) back, so config.json records it."""
+    with config.unlocked():
+        config.conv_backend = kernels_lib.select(config.get("conv_backend"))
+    return config.conv_backend
+
+
 def setup(config, workdir: Path) -> Run:
     """Mesh, data, optimizer and compiled steps for ``config``."""
+    select_conv_backend(config)  # before anything is traced
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
@@ -495,6 +505,7 @@ def _train_and_evaluate(config, workdir) -> dict:
 
 def train_locked(config, workdir: Path) -> dict:
     """``train_and_evaluate`` in a checked workdir this process holds."""
+    select_conv_backend(config)
     check_workdir(config, workdir)
     preemption.check("start-up")
     run = setup(config, workdir)

@@ -35,6 +35,15 @@ import profile_step  # noqa: E402  (the colleague's helpers: torch models, matmu
 
 ROOT = Path(__file__).resolve().parent.parent
 CNNJAX = "cnnjax"
+NO_YNN = "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=false"
+# cnnjax run other ways (--variants): name -> environment of its worker. The XLA flags given here
+# take precedence over cli.configure_xla()'s (it adds only flags XLA_FLAGS lacks).
+VARIANTS = {
+    "cnnjax_onednn": {"CNNJAX_CONV": "onednn"},  # convolutions through cnnjax/kernels
+    "cnnjax_onednn_t1": {"CNNJAX_CONV": "onednn", "OMP_NUM_THREADS": "1"},
+    "cnnjax_no_ynn": {"XLA_FLAGS": NO_YNN},  # YNNPACK off
+    "cnnjax_onednn_no_ynn": {"CNNJAX_CONV": "onednn", "XLA_FLAGS": NO_YNN},
+}
 PEERS = ("torch", "torch_compile", "keras")
 MODELS = ("simple_cnn", "resnet20")
 BATCH_SIZE = 128
@@ -58,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed train steps per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile)")
     p.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
+    p.add_argument("--variants", nargs="*", default=["cnnjax_onednn"], choices=list(VARIANTS))
     p.add_argument("--data-dir", help="TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)")
     p.add_argument("--child-timeout", type=float, default=900, help="seconds per subprocess")
     p.add_argument("--quick", action="store_true", help="1 round, 3 steps, no keras/compile")
@@ -69,6 +79,7 @@ def parse_args(argv=None):
     if args.quick:
         args.rounds, args.steps, args.warmup = 1, 3, 1
         args.peers = [x for x in args.peers if x == "torch"]
+        args.variants = args.variants[:1]
     return args
 
 
@@ -166,6 +177,7 @@ def cnnjax_worker(args) -> dict:
     result["flops_per_image"] = flops / BATCH_SIZE if flops else None
     result["peak_gflops"] = {"jnp.dot": profile_step.matmul_peak_jax()}
     result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    result["conv_backend"] = config.conv_backend  # what trainer.setup resolved
     return result
 
 
@@ -323,6 +335,7 @@ def keras_worker(args) -> dict:
 
 WORKERS = {CNNJAX: cnnjax_worker, "torch": torch_worker, "torch_compile": torch_worker}
 WORKERS["keras"] = keras_worker
+WORKERS.update(dict.fromkeys(VARIANTS, cnnjax_worker))
 
 
 def serve(args) -> None:
@@ -345,6 +358,7 @@ def run_child(args, framework: str, model: str, peer_data: Path) -> dict:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if framework == "torch_compile":  # a cold compile every round, like cnnjax's (no cache)
         env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
+    env.update(VARIANTS.get(framework, {}))
     cmd = [sys.executable, __file__, "--worker", framework, "--model", model]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--peer-data", str(peer_data)]
     cmd += ["--data-dir", args.data_dir] if args.data_dir else []
@@ -363,7 +377,7 @@ def run_child(args, framework: str, model: str, peer_data: Path) -> dict:
 
 def collect(args, peer_data: Path) -> dict:
     """``{(model, framework): [result of each round]}``; rounds alternate the order."""
-    frameworks = [CNNJAX, *args.peers]
+    frameworks = [CNNJAX, *args.variants, *args.peers]
     results = {(m, f): [] for m in args.models for f in frameworks}
     for r in range(args.rounds):
         for model in args.models:
@@ -404,6 +418,7 @@ def summarize(results: dict) -> list[dict]:
         for key in ("ips", "first_step_s", "warmup_s", "peak_rss_mb"):
             row[key] = statistics.median(r[key] for r in ok)
         row["ratio"] = paired_ratio(results[(model, CNNJAX)], runs)
+        row["vs_torch"] = paired_ratio(runs, results.get((model, "torch"), []))
         row["ratio_range"] = _minmax(round_ratios(results[(model, CNNJAX)], runs))
         row["ips_range"] = _minmax([r["ips"] for r in ok])
         row["mfu"] = row["ips"] * fpi / (peak * 1e9) if fpi and peak else None
@@ -424,7 +439,7 @@ def format_table(rows: list[dict]) -> str:
     """Medians over rounds; the per-round ranges of images/s and of the paired ratio follow."""
     head = (
         f"{'model':<11}{'framework':<15}{'img/s':>7}{'1st step s':>11}{'warm-up s':>10}"
-        f"{'RSS MB':>8}{'cnnjax/peer':>12}{'MFU':>5}   img/s range  ratio range"
+        f"{'RSS MB':>8}{'cnnjax/peer':>12}{'/torch':>7}{'MFU':>5}   img/s range  ratio range"
     )
     out = [head]
     for r in rows:
@@ -437,6 +452,7 @@ def format_table(rows: list[dict]) -> str:
         out.append(
             f"{r['model']:<11}{r['framework']:<15}{r['ips']:>7.0f}{r['first_step_s']:>11.1f}"
             f"{r['warmup_s']:>10.1f}{r['peak_rss_mb']:>8.0f}{_fmt(r['ratio'], '.2f'):>11}x"
+            f"{_fmt(r['vs_torch'], '.2f'):>6}x"
             f"{_fmt(mfu, '.0f'):>4}%{ips_range:>14}{ratio_range:>13}"
         )
     return "\n".join(out)

@@ -18,6 +18,9 @@ def get_config() -> ConfigDict:
     c.model = ConfigDict({"name": "simple_cnn"})
     c.dataset = "fashion_mnist"
     c.dtype = "float32"  # compute dtype; params, optimizer state and BN statistics stay float32
+    # CPU convolutions: auto | xla | onednn (cnnjax/kernels; auto defers to $CNNJAX_CONV, else
+    # picks the one measured faster). config.json records what ran: xla or onednn.
+    c.conv_backend = "auto"
 
     c.num_epochs = 6
     c.batch_size = 256  # global, split over all devices

@@ -40,6 +40,7 @@ _PATH = r.either(r.NONE, r.TEXT)
 RULES: dict[str, r.Rule] = {
     "dataset": r.TEXT,
     "dtype": r.choice(*DTYPES),
+    "conv_backend": r.choice("auto", "xla", "onednn"),
     "num_epochs": _POSITIVE_INT,
     "batch_size": _POSITIVE_INT,
     "learning_rate": r.number(0, lo_open=True, finite=True),

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
+from cnnjax import kernels
 from cnnjax.layers import conv_kernel_init
 
 
@@ -51,5 +52,6 @@ def bare_conv(features: int, kernel_size: Sequence[int], dtype, name: str, strid
         use_bias=False,
         kernel_init=conv_kernel_init,
         dtype=dtype,
+        conv_general_dilated=kernels.conv_general_dilated,  # XLA's or oneDNN's (CPU)
         name=name,
     )
