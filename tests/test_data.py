@@ -140,11 +140,10 @@ def test_missing_dataset_offline_gives_one_actionable_line(tmp_path, monkeypatch
         tfds_lib.builder("kmnist", str(tmp_path), download=False)
 
 
-@pytest.mark.slow
-def test_two_processes_preparing_at_once_both_get_the_dataset(tmp_path):
-    """Two first runs on a fresh machine: the preparation lock (held here first, so that both
-    processes are sure to wait on it) lets one convert the files while the other waits, then
-    finds the dataset prepared. Without it the second rename into place fails."""
+def test_runs_waiting_to_prepare_find_the_dataset_prepared(fmnist_data_dir, tmp_path):
+    """Two first runs at once on a fresh machine: while one prepares the dataset (here the test,
+    holding the preparation lock) the others wait on the lock, then find it prepared instead of
+    converting into the same directory (the second rename into place would fail)."""
     prepare = (
         "from cnnjax.data import tfds; "
         f"b = tfds.builder('fashion_mnist', {str(tmp_path)!r}); "
@@ -161,7 +160,11 @@ def test_two_processes_preparing_at_once_both_get_the_dataset(tmp_path):
         time.sleep(5)  # both past their imports and waiting on the lock
         assert [p.poll() for p in procs] == [None, None]
         assert [d.name for d in directory.iterdir()] == [".prepare.lock"]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+        prepared = tfds_lib.Path(fmnist_data_dir) / "fashion_mnist"
+        for version in prepared.iterdir():  # "prepared" by the lock holder
+            if not version.name.startswith("."):
+                shutil.copytree(version, directory / version.name)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert [o.split()[-1] for o in outputs] == ["60000", "60000"]
 
