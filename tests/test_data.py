@@ -140,6 +140,7 @@ def test_missing_dataset_offline_gives_one_actionable_line(tmp_path, monkeypatch
         tfds_lib.builder("kmnist", str(tmp_path), download=False)
 
 
+@pytest.mark.slow
 def test_runs_waiting_to_prepare_find_the_dataset_prepared(fmnist_data_dir, tmp_path):
     """Two first runs at once on a fresh machine: while one prepares the dataset (here the test,
     holding the preparation lock) the others wait on the lock, then find it prepared instead of
