@@ -102,8 +102,7 @@ def check_workdir(config, workdir: Path) -> None:
             )
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        with workdir_lib.writing(saved_path):
-            saved_path.write_text(config.to_json_best_effort(indent=2))
+        workdir_lib.write_text_atomic(saved_path, config.to_json_best_effort(indent=2))
 
 
 def prepared_builder(config):

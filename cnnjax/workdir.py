@@ -222,6 +222,19 @@ def writing(path):
         raise
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file renamed into place: a reader (another
+    process of the run, evaluate during training) or a kill never sees it half written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with writing(path):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 _DROP = _DropDiskErrors()
 _LOGGERS = ("absl", "asyncio")
 _DRAIN_S = 60.0  # how long a failed save's other threads get to finish

@@ -34,7 +34,7 @@ import numpy as np
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import ConfigError
 from cnnjax.preprocessing import Preprocess
-from cnnjax.workdir import writing
+from cnnjax.workdir import write_text_atomic
 
 STATS_SAMPLE = 10_000  # images used to estimate the per-channel mean and std
 ARRAY_CACHE = "cnnjax_arrays"  # folder in a prepared dataset's data_dir with decoded splits
@@ -60,8 +60,7 @@ class DatasetInfo:
         d = dataclasses.asdict(self)
         if d["preprocess"] is None:
             del d["preprocess"]  # dataset.json of runs from scratch: as before
-        with writing(path):
-            path.write_text(json.dumps(d, indent=2))
+        write_text_atomic(path, json.dumps(d, indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "DatasetInfo":
