@@ -7,13 +7,15 @@ TensorFlow) lowered to errors unless ``--verbosity`` is given. While it runs, a
 ``CnnjaxError`` (a mistake the user can fix) and any error while parsing the flags end the
 process with one line ``error: ...`` on stderr and exit status 2; ``CNNJAX_TRACEBACK=1`` shows
 the traceback too. Anything else is a bug and keeps its traceback. A run stopped by SIGTERM or
-SIGINT (``preemption.Preempted``) ends with its one line on stderr and exit status 128 + signum.
+SIGINT (``preemption.Preempted``) ends with its one line on stderr and exit status 128 + signum;
+so does a SIGINT (Ctrl-C) anywhere else under the harness, without a traceback.
 
 Nothing happens on import. ``experiments/README.md`` ("Where the time goes (CPU)") has the
 measurements behind every XLA flag here.
 """
 
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -26,6 +28,8 @@ from cnnjax import configs, parallel, preemption
 from cnnjax.errors import CnnjaxError, ConfigError
 
 TRACEBACK_ENV = "CNNJAX_TRACEBACK"  # "1": print the traceback of a user error as well
+# SIGINT outside training's step loop (which saves and says so: cnnjax.preemption).
+INTERRUPTED = "interrupted (SIGINT)"
 
 # Flags per platform, each measured to be faster there (experiments/profile_step.py) and checked
 # to be accepted by jaxlib >= 0.10 (an unknown name in XLA_FLAGS aborts the process).
@@ -240,6 +244,9 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         except preemption.Preempted as e:  # stopped by SIGTERM / SIGINT, after saving
             print(e, file=sys.stderr)
             sys.exit(e.exit_status)
+        except KeyboardInterrupt:  # Ctrl-C where no step is running (start-up, evaluation)
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
 
     try:
         argv = resolve_config_arg(sys.argv if argv is None else argv)

@@ -426,7 +426,8 @@ def log_progress(run: Run, bar, writer, step: int, acc, start: float, i: int) ->
 
 
 def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
-    """The metrics.jsonl line of a finished epoch (test metrics on the last one)."""
+    """The metrics.jsonl line of a finished epoch (test metrics on the last one, or on every
+    one with ``test_every_epoch``)."""
     line = {
         "epoch": epoch + 1,
         "step": int(state.step),
@@ -436,7 +437,7 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     skips = optim.skip_state(state.opt_state)
     if skips is not None:
         line["skipped_updates"] = int(skips.total_notfinite)  # since skip mode was on
-    if epoch + 1 == run.config.num_epochs:
+    if run.config.test_every_epoch or epoch + 1 == run.config.num_epochs:
         line.update(split_metrics(run, state, "test"))
     scale = 1.0 if state.plateau is None else float(state.plateau.scale)
     line["learning_rate"] = float(run.schedule(int(state.step))) * scale

@@ -54,6 +54,22 @@ def test_train_errors_are_one_line(tmp_path, args, fragments):
     assert_one_line_error(result, *fragments)
 
 
+_INTERRUPTED_CHILD = """
+from cnnjax import cli
+def main(argv):
+    raise KeyboardInterrupt  # what Ctrl-C raises outside training's step loop
+cli.run(main)
+"""
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-c", _INTERRUPTED_CHILD]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 128 + signal.SIGINT
+    assert out.stderr.strip().splitlines() == [cli.INTERRUPTED]
+
+
 def test_evaluate_on_a_non_run_directory(tmp_path):
     result = run_cli("cnnjax.evaluate", f"--workdir={tmp_path}", cwd=tmp_path)
     assert_one_line_error(result, "not a cnnjax run directory")

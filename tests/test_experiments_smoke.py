@@ -83,9 +83,10 @@ def test_tta_args_and_command():
         True,
     )
     cmd = tta.train_command("default", "/tmp/w", ["num_epochs=8", "config.data.limit_examples=5"])
-    assert cmd[-4:] == [
+    assert cmd[-5:] == [
         "--config=default",
         "--workdir=/tmp/w",
+        "--config.test_every_epoch=True",
         "--config.num_epochs=8",
         "--config.data.limit_examples=5",
     ]
@@ -105,26 +106,24 @@ def test_line_reader_waits_for_complete_lines(tmp_path):
     assert reader.new_lines() == []
 
 
-def _lines(*accs, test=None):
-    lines = [
-        {"epoch": i + 1, "eval_accuracy": a, "wall_s": 10.0 * (i + 1), "seen_s": 10.0 * i + 11}
-        for i, a in enumerate(accs)
+def _lines(*tests):
+    """metrics.jsonl lines with a test accuracy per epoch, one every 10 s from 11 s."""
+    return [
+        {"epoch": i + 1, "test_accuracy": a, "wall_s": 10.0 * (i + 1), "seen_s": 10.0 * i + 11}
+        for i, a in enumerate(tests)
     ]
-    if test is not None:
-        lines[-1]["test_accuracy"] = test
-    return lines
 
 
 def test_first_crossing_and_verdict():
-    lines = _lines(0.90, 0.931, 0.92, 0.94, test=0.935)
-    assert tta.first_crossing(lines, "eval_accuracy", 0.93)["epoch"] == 2
+    lines = _lines(0.90, 0.931, 0.92, 0.94)
+    assert tta.first_crossing(lines, "test_accuracy", 0.93)["epoch"] == 2
     v = tta.verdict(lines, 0.93, budget_s=60)
-    assert (v["val_epoch"], v["val_seen_s"], v["epochs"]) == (2, 21.0, 4)
+    assert (v["epoch"], v["seen_s"], v["epochs"], v["final_test_accuracy"]) == (2, 21.0, 4, 0.94)
     assert v["passed"]
-    assert not tta.verdict(lines, 0.93, budget_s=30)["passed"]  # too slow
-    assert not tta.verdict(_lines(0.95, test=0.92), 0.93, 60)["passed"]  # test below target
-    missing = tta.verdict(_lines(0.5, 0.6), 0.93, 60)  # crashed before the test line
-    assert missing["val_epoch"] is None and not missing["passed"]
+    assert not tta.verdict(lines, 0.93, budget_s=20)["passed"]  # crossed too late
+    assert tta.verdict(_lines(0.95, 0.92), 0.93, 60)["passed"]  # the first crossing counts
+    missing = tta.verdict(_lines(0.5, 0.6), 0.93, 60)
+    assert missing["epoch"] is None and not missing["passed"]
     report = tta.format_report(missing, 0.93, 60)
     assert "never reached" in report and "FAIL" in report
     assert "PASS" in tta.format_report(v, 0.93, 60)

@@ -5,8 +5,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import variant
 
 from cnnjax import checkpoint, optim, trainer
+from cnnjax import metrics as metrics_lib
 from cnnjax.errors import CheckpointError, TrainingDivergedError
 from cnnjax.evaluation import evaluate_run
 
@@ -97,6 +99,18 @@ def test_workdir_of_another_run_is_refused(tiny_config, tmp_path):
     with pytest.raises(CheckpointError, match="different run.*simple_cnn.*cifar_cnn"):
         trainer.train_and_evaluate(other, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model"] == {"name": "simple_cnn"}
+
+
+@pytest.mark.slow
+def test_test_every_epoch_writes_test_metrics_on_every_line(tiny_config, tmp_path):
+    config = variant(tiny_config, test_every_epoch=True, **{"data.limit_examples": 128})
+    trainer.train_and_evaluate(config, tmp_path)
+    lines = metrics_lib.read_lines(tmp_path)
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert all({"test_loss", "test_accuracy"} <= set(x) for x in lines)
+    # Epoch 1's test figure is the state epoch 1 ended with: the checkpoint it saved.
+    result = evaluate_run(tmp_path, step=lines[0]["step"], split="test")
+    assert result["test_accuracy"] == lines[0]["test_accuracy"]
 
 
 @pytest.mark.slow

@@ -73,6 +73,8 @@ def get_config() -> ConfigDict:
     c.finetune_lr_factor = 0.1
 
     c.log_every_steps = 50  # metrics are fetched from the device only this often
+    # Evaluate the test split after every epoch, not only the last (time-to-accuracy runs).
+    c.test_every_epoch = False
 
     c.data = ConfigDict()
     c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: ~/tensorflow_datasets)

@@ -68,6 +68,7 @@ RULES: dict[str, r.Rule] = {
     "finetune": r.REGEX,
     "finetune_lr_factor": _NON_NEGATIVE,
     "log_every_steps": _POSITIVE_INT,
+    "test_every_epoch": r.BOOL,
     "data.data_dir": _PATH,
     "data.local_dir": _PATH,
     "data.download": r.BOOL,
