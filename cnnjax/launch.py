@@ -5,6 +5,10 @@ Starts N ``python -m cnnjax.train`` processes that meet at ``127.0.0.1`` on a fr
 (``cnnjax.distributed``), each line of their output prefixed with ``[i]``. Ctrl-C or SIGTERM is
 passed on to every process. The first process to fail ends the run: the others get SIGTERM,
 then SIGKILL after ``--grace_s``, and the launcher exits with that process's status (non-zero).
+A process that exits with 143 or 130 was preempted (SIGTERM / SIGINT, ``cnnjax.preemption``):
+the others are stopping at the same step and writing their part of the same checkpoint, so
+they are left to finish (SIGTERM and SIGKILL only after ``PREEMPTED_WAIT_S``), and the
+launcher exits with that status too.
 ``--devices_per_process=K`` gives each process K fake CPU devices
 (``--xla_force_host_platform_device_count``), to try a multi-process run on a CPU.
 
@@ -28,6 +32,10 @@ from cnnjax import cli
 from cnnjax.errors import ConfigError
 
 POLL_S = 0.2
+# Exit statuses of a preempted cnnjax.train (128 + SIGTERM, 128 + SIGINT).
+PREEMPTED = (128 + signal.SIGTERM, 128 + signal.SIGINT)
+# How long the others may take to finish a preemption checkpoint before they are stopped.
+PREEMPTED_WAIT_S = 600.0
 
 
 def define_flags() -> dict:
@@ -115,14 +123,18 @@ class Group:
     def stop(self) -> None:
         """SIGTERM to the running processes, SIGKILL to those still alive after the grace."""
         self.forward(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-            time.sleep(POLL_S)
+        self.wait_all(self.grace_s)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
         for proc in self.procs:
             proc.wait()
+
+    def wait_all(self, seconds: float) -> None:
+        """Waits up to ``seconds`` for every process to exit."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(POLL_S)
 
     def say(self, message: str) -> None:
         with self.lock:
@@ -136,6 +148,11 @@ class Group:
             if failed:
                 i, code = failed[0]
                 running = [j for j, c in enumerate(codes) if c is None]
+                if exit_status(code) in PREEMPTED and running:
+                    self.say(f"process {i} was preempted; waiting for the others to save")
+                    self.wait_all(PREEMPTED_WAIT_S)
+                    codes = [p.poll() for p in self.procs]
+                    running = [j for j, c in enumerate(codes) if c is None]
                 self.say(
                     f"process {i} exited with status {exit_status(code)}; stopping "
                     f"{'processes ' + ', '.join(map(str, running)) if running else 'nothing'}"

@@ -228,6 +228,39 @@ def test_launcher_stops_the_group_after_the_first_failure(tmp_path, monkeypatch,
     assert "launch: process 1 exited with status 3; stopping processes 0" in err
 
 
+_PREEMPTED_CHILD = (
+    "import signal, sys, time\n"
+    "from pathlib import Path\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saving: a second signal is ignored\n"
+    "i = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1])\n"
+    "if i == 0:\n"
+    "    time.sleep(float(sys.argv[1]))  # its part of the preemption checkpoint\n"
+    "    Path(sys.argv[2]).write_text('saved')\n"
+    "sys.exit(143)\n"
+)
+
+
+def test_launcher_lets_the_others_finish_a_preemption_save(tmp_path, monkeypatch, capsys):
+    """Process 1 exits preempted (143) at once; process 0 takes 2 s to save, longer than the
+    grace: the launcher waits for it instead of killing it, and exits 143."""
+    module = write_module(tmp_path, _PREEMPTED_CHILD, monkeypatch)
+    marker = tmp_path / "saved"
+    status = launch.launch(2, ["2.0", str(marker)], devices=2, grace_s=0.2, module=module)
+    assert status == 143 and marker.read_text() == "saved"
+    assert "launch: process 1 was preempted; waiting for the others to save" in (
+        capsys.readouterr().err
+    )
+
+
+def test_launcher_stops_a_preempted_group_that_does_not_finish(tmp_path, monkeypatch):
+    module = write_module(tmp_path, _PREEMPTED_CHILD, monkeypatch)
+    monkeypatch.setattr(launch, "PREEMPTED_WAIT_S", 1.0)
+    start = time.monotonic()
+    marker = tmp_path / "saved"
+    assert launch.launch(2, ["600", str(marker)], grace_s=0.2, module=module) == 143
+    assert time.monotonic() - start < 30 and not marker.exists()
+
+
 def test_launcher_succeeds_when_every_process_does(tmp_path, monkeypatch, capsys):
     module = write_module(tmp_path, "import os; print(os.environ['XLA_FLAGS'])\n", monkeypatch)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_foo=1")
