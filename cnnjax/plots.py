@@ -9,14 +9,12 @@ disk never leaves a half-written picture behind.
 """
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cnnjax.workdir import writing
+from cnnjax.workdir import atomic_file
 
 # Above these many classes, the confusion matrix drops per-cell values, then tick labels.
 MAX_CELL_VALUES = 30
@@ -34,20 +32,11 @@ def figure(width: float, height: float):
 
 
 def save_atomic(fig, path, dpi: int = 100) -> Path:
-    """Writes ``fig`` as a PNG at ``path`` via a temporary file and ``os.replace``."""
+    """Writes ``fig`` as a PNG at ``path`` through ``workdir.atomic_file``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with writing(path), os.fdopen(fd, "wb") as f:  # a full disk names the picture
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a picture is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:  # a full disk names the picture
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     return path
 
 

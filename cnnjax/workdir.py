@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -222,17 +223,34 @@ def writing(path):
         raise
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file renamed into place: a reader (another
-    process of the run, evaluate during training) or a kill never sees it half written."""
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "w"):
+    """A file for ``path``'s new content: a temporary file beside it, flushed to disk and
+    renamed into place when the block ends without an error, removed when it raises. A reader
+    (another process of the run, evaluate during training) or a kill never sees ``path`` half
+    written; an ``OSError`` names ``path`` (``writing``), never the temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with writing(path):
         try:
-            tmp.write_text(text)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's files are meant to be shared
             os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes ``text`` to ``path`` through ``atomic_file``."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 _DROP = _DropDiskErrors()

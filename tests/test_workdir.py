@@ -246,6 +246,22 @@ def test_writing_names_the_file_a_failed_write_does_not(tmp_path):
     assert info.value.errno == errno.ENOSPC
 
 
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), workdir_lib.atomic_file(path) as f:
+        f.write("half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
+    workdir_lib.write_text_atomic(path, "new")
+    assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]
+    assert path.stat().st_mode & 0o777 == 0o644
+    missing = tmp_path / "gone" / "dataset.json"  # the temporary file cannot be created
+    with pytest.raises(FileNotFoundError) as info:
+        workdir_lib.write_text_atomic(missing, "x")
+    assert info.value.filename == str(missing)
+
+
 def fill(path: Path) -> None:
     """Fills the disk of ``path`` with the hooks' own filler."""
     spec = importlib.util.spec_from_file_location("disk_points", DISK_POINTS / "sitecustomize.py")
