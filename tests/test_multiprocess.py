@@ -163,8 +163,8 @@ def wait_for_lines(workdir: Path, n: int, procs) -> None:
 @pytest.mark.slow
 def test_killed_process_ends_the_other_and_the_run_resumes(fmnist_data_dir, tmp_path):
     """kill -9 of process 1 mid-run: process 0 exits with the distributed runtime's message
-    within the heartbeat timeout (5 s) plus slack for a loaded machine; then kill -9 of both
-    processes of a restarted run, and a third start finishes exactly the configured epochs."""
+    within the heartbeat timeout (5 s) plus slack for a loaded machine; a second start of both
+    finishes exactly the configured epochs."""
     workdir, epochs = tmp_path / "run", 6
     args = run_args(fmnist_data_dir, epochs=epochs, examples=64)  # 2 steps per epoch
     logs = [tmp_path / f"p{i}.log" for i in range(2)]
@@ -185,15 +185,7 @@ def test_killed_process_ends_the_other_and_the_run_resumes(fmnist_data_dir, tmp_
     assert "another task died" in text or "unhealthy" in text, text[-2000:]
     assert took < 5 + 40, f"the survivor took {took:.0f} s to exit"
 
-    done = len(metrics.read_lines(workdir))
-    port = launch.free_port()
-    procs = [start_process(i, port, workdir, args, logs[i]) for i in range(2)]
-    try:
-        wait_for_lines(workdir, done + 1, procs)
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+    assert len(metrics.read_lines(workdir)) < epochs  # the rest is trained after the restart
     launch_run(workdir, args)
     lines = metrics.read_lines(workdir)
     assert [(m["epoch"], m["step"]) for m in lines] == [(e, 2 * e) for e in range(1, epochs + 1)]
