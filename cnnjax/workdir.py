@@ -228,7 +228,8 @@ def atomic_file(path, mode: str = "w"):
     """A file for ``path``'s new content: a temporary file beside it, flushed to disk and
     renamed into place when the block ends without an error, removed when it raises. A reader
     (another process of the run, evaluate during training) or a kill never sees ``path`` half
-    written; an ``OSError`` names ``path`` (``writing``), never the temporary file."""
+    written. A failed write, flush or fsync, or the temporary file's creation, is an ``OSError``
+    naming ``path`` (``writing``)."""
     path = Path(path)
     with writing(path):
         try:
