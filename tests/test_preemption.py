@@ -105,6 +105,25 @@ def test_signals_stop_with_a_checkpoint_and_the_run_resumes_bit_identically(
 
 
 @pytest.mark.slow
+def test_streamed_data_resumes_mid_epoch_bit_identically(fmnist_data_dir, tmp_path):
+    """The streaming path: the resumed process re-reads epoch 2's tf.data order and drops the
+    batches already trained before step 11."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    streamed = "--config.data.in_memory=no"
+    reference = start_reference(fmnist_data_dir, straight, streamed)
+    cmd = train_cmd(fmnist_data_dir, stopped, streamed)
+
+    mid = signalled(cmd, stopped, "step:11", signal.SIGTERM)
+    assert mid["returncode"] == 143, mid["stderr"]
+    assert mid["after"] == [8] and mid["preempted"] == 11
+
+    last = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert last.returncode == 0, last.stderr[-3000:]
+    finish_reference(reference)
+    assert_same_run(straight, stopped)
+
+
+@pytest.mark.slow
 def test_killed_in_the_preemption_save_and_anywhere_resumes_bit_identically(
     fmnist_data_dir, tmp_path
 ):

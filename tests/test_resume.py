@@ -53,9 +53,9 @@ TIMING_KEYS = {"wall_s", "train_images_per_sec"}
 STATE_KEYS = {"step", "params", "opt_state", "batch_stats", "ema_params", "plateau"}
 
 
-def train_cmd(data_dir, workdir) -> list[str]:
+def train_cmd(data_dir, workdir, *extra: str) -> list[str]:
     data = f"--config.data.data_dir={data_dir}"
-    return [sys.executable, "-m", "cnnjax.train", *RECIPE, data, f"--workdir={workdir}"]
+    return [sys.executable, "-m", "cnnjax.train", *RECIPE, *extra, data, f"--workdir={workdir}"]
 
 
 def env(pause: str | None = None, marker: Path | None = None, **hooks: str) -> dict:
@@ -174,12 +174,13 @@ def assert_same_run(straight: Path, resumed: Path) -> dict:
     return want
 
 
-def start_reference(data_dir, workdir: Path):
-    """The uninterrupted run, started in the background (it runs alongside the interrupted ones:
-    two processes on two cores); ``finish_reference`` waits for it."""
+def start_reference(data_dir, workdir: Path, *extra: str):
+    """The uninterrupted run (``RECIPE`` + ``extra`` flags), started in the background (it runs
+    alongside the interrupted ones: two processes on two cores); ``finish_reference`` waits for
+    it."""
     log = workdir.with_suffix(".log").open("w")
     proc = subprocess.Popen(
-        train_cmd(data_dir, workdir), cwd=workdir.parent, env=env(),
+        train_cmd(data_dir, workdir, *extra), cwd=workdir.parent, env=env(),
         stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     return proc, log
