@@ -105,10 +105,9 @@ memory::dims Dilates(const Params& p) { return {p.dh - 1, p.dw - 1}; }
 memory::dims PadL(const Params& p) { return {p.pt, p.pl}; }
 memory::dims PadR(const Params& p) { return {p.pb, p.pr}; }
 
-dnnl::convolution_forward::primitive_desc FwdPd(const Geometry& g, const Params& p) {
-  auto x = PrimAct(Act(g.n, g.c, g.h, g.w));
-  auto y = PrimAct(Act(g.n, g.o, g.oh, g.ow));
-  auto w = AnyWeights(g.kh, g.kw, g.c / p.groups, g.o, p.groups);
+// x, w, y: the primitive-side descriptors (PrimAct, AnyWeights), shared by all three kinds.
+dnnl::convolution_forward::primitive_desc FwdPd(const memory::desc& x, const memory::desc& w,
+                                                const memory::desc& y, const Params& p) {
   dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
                                     dnnl::algorithm::convolution_direct, x, w, y, Strides(p),
                                     Dilates(p), PadL(p), PadR(p));
@@ -120,16 +119,16 @@ std::unique_ptr<Entry> Make(Kind kind, const Geometry& g, const Params& p) {
   auto ux = UserAct(Act(g.n, g.c, g.h, g.w));
   auto uy = UserAct(Act(g.n, g.o, g.oh, g.ow));
   auto uw = UserWeights(g.kh, g.kw, g.c / p.groups, g.o, p.groups);
-  auto fwd = FwdPd(g, p);
+  auto x = PrimAct(Act(g.n, g.c, g.h, g.w));
+  auto y = PrimAct(Act(g.n, g.o, g.oh, g.ow));
+  auto w = AnyWeights(g.kh, g.kw, g.c / p.groups, g.o, p.groups);
+  auto fwd = FwdPd(x, w, y, p);
   if (kind == kFwd) {
     e->prim = dnnl::convolution_forward(fwd);
     AddSlot(*e, DNNL_ARG_SRC, false, ux, fwd.src_desc());
     AddSlot(*e, DNNL_ARG_WEIGHTS, false, uw, fwd.weights_desc());
     AddSlot(*e, DNNL_ARG_DST, true, uy, fwd.dst_desc());
   } else if (kind == kBwdData) {
-    auto x = PrimAct(Act(g.n, g.c, g.h, g.w));
-    auto y = PrimAct(Act(g.n, g.o, g.oh, g.ow));
-    auto w = AnyWeights(g.kh, g.kw, g.c / p.groups, g.o, p.groups);
     dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, x, w, y,
                                             Strides(p), Dilates(p), PadL(p), PadR(p));
     dnnl::convolution_backward_data::primitive_desc pd(d, Engine(), fwd);
@@ -138,9 +137,6 @@ std::unique_ptr<Entry> Make(Kind kind, const Geometry& g, const Params& p) {
     AddSlot(*e, DNNL_ARG_WEIGHTS, false, uw, pd.weights_desc());
     AddSlot(*e, DNNL_ARG_DIFF_SRC, true, ux, pd.diff_src_desc());
   } else {
-    auto x = PrimAct(Act(g.n, g.c, g.h, g.w));
-    auto y = PrimAct(Act(g.n, g.o, g.oh, g.ow));
-    auto w = AnyWeights(g.kh, g.kw, g.c / p.groups, g.o, p.groups);
     dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, x, w, y,
                                                Strides(p), Dilates(p), PadL(p), PadR(p));
     dnnl::convolution_backward_weights::primitive_desc pd(d, Engine(), fwd);
