@@ -49,13 +49,49 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def loss_and_grads(state, batch, key, label_smoothing: float):
+def loss_and_grads(state, batch, key, label_smoothing: float, accum_steps: int = 1):
     """Gradients of the mean loss on ``batch``, with ``(loss (N,), logits (N, K), updates)``:
-    per-example losses, the logits and the new BatchNorm statistics (training mode)."""
-    rngs = {"dropout": jax.random.fold_in(key, state.step)}
+    per-example losses, the logits and the new BatchNorm statistics (training mode).
+
+    With ``accum_steps`` = A > 1 the batch is taken as A micro-batches of N / A examples, run
+    one after the other (``lax.scan``: the activations of one micro-batch at a time), and the
+    gradient is the mean of theirs: the big batch's own gradient up to rounding, except that
+    BatchNorm normalises each micro-batch with its own statistics and updates its running
+    statistics once per micro-batch (A momentum updates per optimizer step).
+    """
+    step_key = jax.random.fold_in(key, state.step)
+    if accum_steps == 1:
+        return micro_batch_grads(state, state.batch_stats, batch, step_key, label_smoothing)
+    # Micro-batch j takes examples j, j + A, j + 2A, ...: every device holds an equal part of
+    # each (the batch is sharded in contiguous blocks), so all of them work on every one.
+    micro = jax.tree.map(lambda a: a.reshape(-1, accum_steps, *a.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, xs):
+        grads_sum, stats = carry
+        j, micro_batch = xs
+        key_j = jax.random.fold_in(step_key, j)  # a dropout mask of its own per micro-batch
+        grads, (loss, logits, updates) = micro_batch_grads(
+            state, stats, micro_batch, key_j, label_smoothing
+        )
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, updates.get("batch_stats", stats)), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    xs = (jnp.arange(accum_steps), micro)
+    (grads_sum, stats), (loss, logits) = jax.lax.scan(accumulate, (zeros, state.batch_stats), xs)
+    grads = jax.tree.map(lambda g: g / accum_steps, grads_sum)
+    unmix = lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[2:])  # back to the batch's order
+    updates = {"batch_stats": stats} if stats else {}
+    return grads, (unmix(loss), unmix(logits), updates)
+
+
+def micro_batch_grads(state, batch_stats, batch, key, label_smoothing: float):
+    """``loss_and_grads`` of one (micro-)batch from BatchNorm statistics ``batch_stats``, with
+    dropout drawn from ``key``."""
+    rngs = {"dropout": key}
 
     def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
+        variables = {"params": params, "batch_stats": batch_stats}
         with frozen_batch_norm(state.frozen):
             logits, updates = state.apply_fn(
                 variables, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs
@@ -66,7 +102,15 @@ def loss_and_grads(state, batch, key, label_smoothing: float):
     return jax.grad(loss_fn, has_aux=True)(state.params)
 
 
-def train_step(state, batch, key, *, label_smoothing: float = 0.0, skip_nonfinite: int = 0):
+def train_step(
+    state,
+    batch,
+    key,
+    *,
+    label_smoothing: float = 0.0,
+    skip_nonfinite: int = 0,
+    accum_steps: int = 1,
+):
     """One optimizer step on ``batch``; returns ``(new_state, metrics)``.
 
     ``metrics``: the step's metric sums (zero when its loss or gradients are not all finite, so
@@ -75,11 +119,13 @@ def train_step(state, batch, key, *, label_smoothing: float = 0.0, skip_nonfinit
     whose loss or gradients are not finite; with ``skip_nonfinite`` = N > 0 (the optimizer
     wrapped in ``optax.apply_if_finite`` with the same N, which drops such updates), at the N-th
     dropped update in a row instead. ``add_metrics`` accumulates steps, keeping the first stop.
+    ``accum_steps`` > 1: the gradient is accumulated over that many micro-batches of ``batch``
+    (``loss_and_grads``); it is still one step and one update.
 
     Randomness (dropout) comes from ``fold_in(key, state.step)``, so a resumed run replays the
     exact same keys.
     """
-    grads, (loss, logits, updates) = loss_and_grads(state, batch, key, label_smoothing)
+    grads, (loss, logits, updates) = loss_and_grads(state, batch, key, label_smoothing, accum_steps)
     finite = all_finite((loss, grads))
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
     if skip_nonfinite:

@@ -66,6 +66,7 @@ class Run:
     mesh: object
     data: Data
     steps_per_epoch: int
+    steps_per_dispatch: int  # resident data: train steps in one device loop
     train_fn: object
     eval_fn: object
     schedule: object
@@ -155,12 +156,13 @@ def build_model(config, num_classes: int):
     return models.from_config(config.model, num_classes, config.dtype)
 
 
-def compile_steps(config, data: Data, mesh):
+def compile_steps(config, data: Data, mesh, per_dispatch: int = 1):
     """Jits the train and eval steps once; returns ``(train_fn, eval_fn)``.
 
-    Resident data: ``train_fn(state, acc, split, order, i)`` gathers batch ``i`` on the device;
-    streaming: ``train_fn(state, acc, batch)``. ``acc`` holds the metric sums and the step to
-    stop at (``steps.add_metrics``); state and ``acc`` are donated. ``eval_fn`` is
+    Resident data: ``train_fn(state, acc, split, order, start, stop)`` runs batches ``start ..
+    stop - 1`` (at most ``per_dispatch``), each gathered on the device; streaming:
+    ``train_fn(state, acc, batch)``. ``acc`` holds the metric sums and the step to stop at
+    (``steps.add_metrics``); state and ``acc`` are donated. ``eval_fn`` is
     ``evaluation.compile_eval``'s.
     """
     key = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
@@ -176,17 +178,27 @@ def compile_steps(config, data: Data, mesh):
             key,
             label_smoothing=config.label_smoothing,
             skip_nonfinite=config.skip_nonfinite,
+            accum_steps=config.grad_accum_steps,
         )
         return state, steps.add_metrics(acc, metrics)
 
     eval_fn = evaluation.compile_eval(config, data.info, mesh, data.resident)
-    if data.resident:
-        bs = config.batch_size
-        train_from = lambda s, a, split, order, i: train(
-            s, a, pipeline.take_batch(split, order, i, bs)
-        )
-        return jax.jit(train_from, donate_argnums=(0, 1)), eval_fn
-    return jax.jit(train, donate_argnums=(0, 1)), eval_fn
+    if not data.resident:
+        return jax.jit(train, donate_argnums=(0, 1)), eval_fn
+    take = partial(pipeline.take_batch, batch_size=config.batch_size)
+    if per_dispatch == 1:
+        train_range = lambda s, a, split, order, start, stop: train(s, a, take(split, order, start))
+    else:
+
+        def train_range(state, acc, split, order, start, stop):
+            # A device loop with dynamic bounds: one compilation for any number of steps. Its
+            # body is compiled apart from a standalone step, so it may round differently from
+            # per_dispatch == 1 (observed on XLA:CPU, which also runs it ~20x slower); any
+            # split of an epoch into dispatches gives the same bits.
+            body = lambda i, carry: train(*carry, take(split, order, i))
+            return jax.lax.fori_loop(start, stop, body, (state, acc))
+
+    return jax.jit(train_range, donate_argnums=(0, 1)), eval_fn
 
 
 def state_options(config) -> dict:
@@ -309,9 +321,36 @@ def stream_train(run: Run, epoch: int, first: int = 0):
             yield parallel.host_to_global(batch, run.mesh)
 
 
+def dispatch_ends(first: int, end: int, every: tuple[int, ...]):
+    """The batch index after each dispatch of batches ``first .. end - 1``: the first dispatch
+    is one step (it compiles, and the epoch's images/s leave it out), then each runs to the next
+    multiple of any of ``every`` (steps per dispatch, the log interval), so logs and preemption
+    checks fall on the same steps however the epoch was entered."""
+    i = first
+    while i < end:
+        i = i + 1 if i == first else min(end, *((i // m + 1) * m for m in every))
+        yield i
+
+
+def epoch_dispatches(run: Run, epoch: int, first: int):
+    """``(train_fn arguments, batch index after it)`` for each dispatch of an epoch from batch
+    ``first``: resident data runs ``run.steps_per_dispatch`` steps per dispatch on the device,
+    streamed data one (each batch comes from the host)."""
+    if not run.data.resident:
+        batches = stream_train(run, epoch, first)
+        yield from (((batch,), i + 1) for i, batch in enumerate(batches, start=first))
+        return
+    order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
+    every = (run.steps_per_dispatch, run.config.log_every_steps)
+    start = first
+    for stop in dispatch_ends(first, run.steps_per_epoch, every):
+        yield (run.data.train, order, start, stop), stop
+        start = stop
+
+
 def train_epoch(run: Run, state, epoch: int, writer, first_in_process: bool):
     """One epoch. Returns ``(state, train_metrics, images_per_sec)``; images/s excludes the
-    first step of the process (compilation)."""
+    first dispatch of the process (compilation)."""
     state, acc, ips = epoch_steps(run, state, epoch, writer, first_in_process)
     return state, metrics_lib.means(acc, "train"), ips
 
@@ -322,7 +361,7 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
 
     Raises:
       NonFiniteStep: a step the run must stop at (``check_steps``).
-      Preempted: a signal came; the preemption checkpoint after the current step is saved.
+      Preempted: a signal came; the preemption checkpoint after the current dispatch is saved.
     """
     c = run.config
     first, acc = (
@@ -330,11 +369,6 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
         if resume is None
         else (resume.batch, resume.acc)
     )
-    if run.data.resident:
-        order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
-        batches = ((run.data.train, order, i) for i in range(first, run.steps_per_epoch))
-    else:
-        batches = ((b,) for b in stream_train(run, epoch, first))
     bar = tqdm(
         total=run.steps_per_epoch,
         desc=f"epoch {epoch + 1}/{c.num_epochs}",
@@ -344,23 +378,36 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
     bar.update(first)
     start, timed_steps = time.perf_counter(), run.steps_per_epoch - first
     step0 = int(state.step) - first  # the global step before batch 0; host-side from here
-    for i, args in enumerate(batches, start=first):
+    done = first
+    for args, stop in epoch_dispatches(run, epoch, first):
         state, acc = run.train_fn(state, acc, *args)
-        if i == first and first_in_process:
+        if done == first and first_in_process:
             jax.block_until_ready(acc)
-            start, timed_steps = time.perf_counter(), run.steps_per_epoch - first - 1
-        if (i + 1) % c.log_every_steps == 0:
+            start, timed_steps = time.perf_counter(), run.steps_per_epoch - stop
+        if stop % c.log_every_steps == 0:
             check_steps(run, acc, epoch)
-            log_progress(run, bar, writer, int(state.step), acc, start, i)
-        signum = preemption.stop_signal(step0 + i + 1)
+            log_progress(run, bar, writer, step0 + stop, acc, start, stop - 1)
+        signum = stop_signal_in(step0 + done, step0 + stop)
         if signum is not None:
             bar.close()
             check_steps(run, acc, epoch)  # never a checkpoint after a non-finite step
-            preempt(run, state, Position(epoch, i + 1, acc), step0 + i + 1, signum)
+            preempt(run, state, Position(epoch, stop, acc), step0 + stop, signum)
+        done = stop
     check_steps(run, acc, epoch)  # fetching waits for the last step: the epoch's time has it
     elapsed = time.perf_counter() - start
     bar.close()
     return state, acc, timed_steps * c.batch_size / max(elapsed, 1e-9)
+
+
+def stop_signal_in(before: int, after: int) -> int | None:
+    """The signal to stop for after the global steps ``before + 1 .. after`` of one dispatch,
+    or None (every step number is shown to ``preemption.stop_signal`` in order: a multi-process
+    run agrees on a step, and all its processes stop after the dispatch that holds it)."""
+    for step in range(before + 1, after + 1):
+        signum = preemption.stop_signal(step)
+        if signum is not None:
+            return signum
+    return None
 
 
 def preempt(run: Run, state, position: Position, step: int, signum: int):
@@ -459,6 +506,7 @@ def setup(config, workdir: Path) -> Run:
     select_conv_backend(config)  # before anything is traced
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
+    check_micro_batches(config.batch_size, config.grad_accum_steps, mesh)
     parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
     data = load_data(config, mesh)
     data.info = transfer.run_info(config, data.info)  # torchvision weights' preprocessing
@@ -469,9 +517,39 @@ def setup(config, workdir: Path) -> Run:
             "training examples"
         )
     _, schedule = optim.create_optimizer(config, steps_per_epoch)
-    train_fn, eval_fn = compile_steps(config, data, mesh)
+    per_dispatch = steps_per_dispatch(config.steps_per_dispatch, config.log_every_steps)
+    train_fn, eval_fn = compile_steps(config, data, mesh, per_dispatch)
     key = jax.random.fold_in(jax.random.key(config.seed), 2)  # data-order stream
-    return Run(config, workdir, mesh, data, steps_per_epoch, train_fn, eval_fn, schedule, key)
+    return Run(
+        config, workdir, mesh, data, steps_per_epoch, per_dispatch, train_fn, eval_fn, schedule, key
+    )
+
+
+def check_micro_batches(batch_size: int, accum_steps: int, mesh) -> None:
+    """Refuses micro-batches (``batch_size / grad_accum_steps``) that the devices cannot share
+    equally.
+
+    Raises:
+      ConfigError: naming both values and the device count.
+    """
+    devices = mesh.devices.size
+    if batch_size % (accum_steps * devices):
+        raise ConfigError(
+            f"--config.batch_size={batch_size} must be a multiple of --config.grad_accum_steps="
+            f"{accum_steps} times the {devices} devices (micro-batches of batch_size / "
+            "grad_accum_steps, split over the devices)"
+        )
+
+
+def steps_per_dispatch(value: int, log_every_steps: int, platform: str | None = None) -> int:
+    """``config.steps_per_dispatch``, with 0 (auto) resolved for ``platform`` (default: JAX's):
+    one step on CPU, where a step takes milliseconds to seconds and the ~0.1 ms of a dispatch
+    is nothing, so a signal is answered after the next step; ``log_every_steps`` on an
+    accelerator, where a small net's step is shorter than its dispatch from Python."""
+    if value:
+        return value
+    platform = platform or jax.default_backend()
+    return 1 if platform == "cpu" else log_every_steps
 
 
 def train_and_evaluate(config, workdir) -> dict:

@@ -24,12 +24,12 @@ def poisoned(bad_updates, what: str = "loss"):
     """``steps.loss_and_grads`` with NaN input images (``loss``: loss and gradients NaN) or NaN
     gradients and a finite loss (``gradients``) at the updates numbered ``bad_updates``."""
 
-    def loss_and_grads(state, batch, key, label_smoothing):
+    def loss_and_grads(state, batch, key, label_smoothing, accum_steps=1):
         bad = jnp.isin(state.step + 1, jnp.array(bad_updates))
         if what == "loss":
             batch = {**batch, "image": batch["image"] * jnp.where(bad, jnp.nan, 1.0)}
-            return ORIGINAL(state, batch, key, label_smoothing)
-        grads, aux = ORIGINAL(state, batch, key, label_smoothing)
+            return ORIGINAL(state, batch, key, label_smoothing, accum_steps)
+        grads, aux = ORIGINAL(state, batch, key, label_smoothing, accum_steps)
         return jax.tree.map(lambda g: jnp.where(bad, jnp.nan, g), grads), aux
 
     return loss_and_grads

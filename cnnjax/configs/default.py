@@ -24,6 +24,12 @@ def get_config() -> ConfigDict:
 
     c.num_epochs = 6
     c.batch_size = 256  # global, split over all devices
+    # Gradient accumulation: each step's batch_size examples run as this many micro-batches of
+    # batch_size / grad_accum_steps, one after the other (their activations only in memory),
+    # and make one optimizer update: the step, schedule, EMA, plateau and checkpoints count
+    # updates. BatchNorm normalises each micro-batch with its own statistics and updates its
+    # running statistics once per micro-batch.
+    c.grad_accum_steps = 1
     c.optimizer = "sgd"  # sgd | adam | adamw | lamb | lion
     c.learning_rate = 0.2  # peak learning rate
     c.momentum = 0.9
@@ -73,6 +79,10 @@ def get_config() -> ConfigDict:
     c.finetune_lr_factor = 0.1
 
     c.log_every_steps = 50  # metrics are fetched from the device only this often
+    # Resident data: train steps per dispatch from Python (a loop on the device, bit-identical
+    # to one step per dispatch; signals are answered after the dispatch). 0: auto, 1 on CPU and
+    # log_every_steps on GPU/TPU, where a small net's step is shorter than a dispatch.
+    c.steps_per_dispatch = 0
     # Evaluate the test split after every epoch, not only the last (time-to-accuracy runs).
     c.test_every_epoch = False
 
