@@ -25,6 +25,7 @@ from cnnjax import (
     parallel,
     plots,
     preemption,
+    profiling,
     steps,
     transfer,
 )
@@ -71,6 +72,7 @@ class Run:
     eval_fn: object
     schedule: object
     key: jax.Array  # data-order key
+    profile: profiling.Window | None = None  # config.profile's steps, traced
 
 
 def wall_seconds() -> float:
@@ -321,21 +323,23 @@ def stream_train(run: Run, epoch: int, first: int = 0):
             yield parallel.host_to_global(batch, run.mesh)
 
 
-def dispatch_ends(first: int, end: int, every: tuple[int, ...]):
+def dispatch_ends(first: int, end: int, every: tuple[int, ...], cuts: tuple[int, ...] = ()):
     """The batch index after each dispatch of batches ``first .. end - 1``: the first dispatch
     is one step (it compiles, and the epoch's images/s leave it out), then each runs to the next
     multiple of any of ``every`` (steps per dispatch, the log interval), so logs and preemption
-    checks fall on the same steps however the epoch was entered."""
+    checks fall on the same steps however the epoch was entered, or to the next of ``cuts``
+    (a profile window's edges)."""
     i = first
     while i < end:
-        i = i + 1 if i == first else min(end, *((i // m + 1) * m for m in every))
+        ends = [end, *((i // m + 1) * m for m in every), *(c for c in cuts if c > i)]
+        i = i + 1 if i == first else min(ends)
         yield i
 
 
-def epoch_dispatches(run: Run, epoch: int, first: int):
+def epoch_dispatches(run: Run, epoch: int, first: int, cuts: tuple[int, ...] = ()):
     """``(train_fn arguments, batch index after it)`` for each dispatch of an epoch from batch
-    ``first``: resident data runs ``run.steps_per_dispatch`` steps per dispatch on the device,
-    streamed data one (each batch comes from the host)."""
+    ``first``: resident data runs ``run.steps_per_dispatch`` steps per dispatch on the device
+    (ending at ``cuts`` too), streamed data one (each batch comes from the host)."""
     if not run.data.resident:
         batches = stream_train(run, epoch, first)
         yield from (((batch,), i + 1) for i, batch in enumerate(batches, start=first))
@@ -343,7 +347,7 @@ def epoch_dispatches(run: Run, epoch: int, first: int):
     order = pipeline.epoch_permutation(run.key, epoch, len(run.data.train["label"]))
     every = (run.steps_per_dispatch, run.config.log_every_steps)
     start = first
-    for stop in dispatch_ends(first, run.steps_per_epoch, every):
+    for stop in dispatch_ends(first, run.steps_per_epoch, every, cuts):
         yield (run.data.train, order, start, stop), stop
         start = stop
 
@@ -378,9 +382,9 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
     bar.update(first)
     start, timed_steps = time.perf_counter(), run.steps_per_epoch - first
     step0 = int(state.step) - first  # the global step before batch 0; host-side from here
-    done = first
-    for args, stop in epoch_dispatches(run, epoch, first):
-        state, acc = run.train_fn(state, acc, *args)
+    done, cuts = first, run.profile.cuts(step0) if run.profile else ()
+    for args, stop in epoch_dispatches(run, epoch, first, cuts):
+        state, acc = dispatch(run, state, acc, args, step0 + done, step0 + stop)
         if done == first and first_in_process:
             jax.block_until_ready(acc)
             start, timed_steps = time.perf_counter(), run.steps_per_epoch - stop
@@ -397,6 +401,14 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
     elapsed = time.perf_counter() - start
     bar.close()
     return state, acc, timed_steps * c.batch_size / max(elapsed, 1e-9)
+
+
+def dispatch(run: Run, state, acc, args, before: int, after: int):
+    """``run.train_fn`` on ``args``: global steps ``before + 1 .. after``, traced when they fall
+    in ``config.profile``'s window."""
+    if run.profile is None:
+        return run.train_fn(state, acc, *args)
+    return run.profile.dispatch(run.train_fn, state, acc, args, before, after)
 
 
 def stop_signal_in(before: int, after: int) -> int | None:
@@ -520,8 +532,19 @@ def setup(config, workdir: Path) -> Run:
     per_dispatch = steps_per_dispatch(config.steps_per_dispatch, config.log_every_steps)
     train_fn, eval_fn = compile_steps(config, data, mesh, per_dispatch)
     key = jax.random.fold_in(jax.random.key(config.seed), 2)  # data-order stream
+    profile = profiling.window(config.profile, workdir)
     return Run(
-        config, workdir, mesh, data, steps_per_epoch, per_dispatch, train_fn, eval_fn, schedule, key
+        config,
+        workdir,
+        mesh,
+        data,
+        steps_per_epoch,
+        per_dispatch,
+        train_fn,
+        eval_fn,
+        schedule,
+        key,
+        profile,
     )
 
 
@@ -600,6 +623,8 @@ def train_locked(config, workdir: Path) -> dict:
         writer.truncate_after(done)
         return fit(run, state, done, mngr, writer, position)
     finally:
+        if run.profile:
+            run.profile.close()
         mngr.wait_until_finished()
         mngr.close()
         writer.close()

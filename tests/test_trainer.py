@@ -1,5 +1,6 @@
 """End to end on the tiny preset: outputs, resume, bit-identical restarts, evaluate, errors."""
 
+import gzip
 import json
 
 import jax
@@ -164,3 +165,15 @@ def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
     line = trainer.train_and_evaluate(config, tmp_path)
     # 8 steps of a 4-8-8 net: 0.2539 measured on seed 0, chance 0.1; a floor at twice chance.
     assert line["test_accuracy"] > 0.2
+
+
+@pytest.mark.slow
+def test_profile_traces_exactly_the_chosen_steps(tiny_config, tmp_path):
+    config = variant(tiny_config, profile="3:2", **{"data.limit_examples": 128})
+    trainer.train_and_evaluate(config, tmp_path)
+    (run,) = (tmp_path / "profile" / "plugins" / "profile").iterdir()
+    assert list(run.glob("*.xplane.pb"))  # TensorBoard's profile plugin reads these
+    with gzip.open(run / "perfetto_trace.json.gz") as f:  # Perfetto's
+        events = json.load(f)["traceEvents"]
+    steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
+    assert steps == [3, 4]

@@ -83,6 +83,9 @@ def get_config() -> ConfigDict:
     # to one step per dispatch; signals are answered after the dispatch). 0: auto, 1 on CPU and
     # log_every_steps on GPU/TPU, where a small net's step is shorter than a dispatch.
     c.steps_per_dispatch = 0
+    # "START:COUNT": a jax.profiler trace of global steps START .. START + COUNT - 1 in
+    # WORKDIR/profile (TensorBoard's profile plugin, Perfetto); "": off.
+    c.profile = ""
     # Evaluate the test split after every epoch, not only the last (time-to-accuracy runs).
     c.test_every_epoch = False
 

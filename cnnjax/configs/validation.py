@@ -11,6 +11,7 @@ naming the key, the value and the valid range::
 path that stands in the way.
 """
 
+import re
 from pathlib import Path
 
 from cnnjax import rules as r
@@ -70,6 +71,10 @@ RULES: dict[str, r.Rule] = {
     "finetune_lr_factor": _NON_NEGATIVE,
     "log_every_steps": _POSITIVE_INT,
     "steps_per_dispatch": _COUNT,
+    "profile": r.Rule(
+        "START:COUNT (the first global step to trace, >= 1, and how many, e.g. 10:5) or empty",
+        lambda v: isinstance(v, str) and re.fullmatch(r"([1-9]\d*:[1-9]\d*)?", v) is not None,
+    ),
     "test_every_epoch": r.BOOL,
     "data.data_dir": _PATH,
     "data.local_dir": _PATH,
