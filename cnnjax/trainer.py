@@ -29,6 +29,7 @@ from cnnjax import (
     steps,
     transfer,
 )
+from cnnjax import flops as flops_lib
 from cnnjax import kernels as kernels_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax import workdir as workdir_lib
@@ -73,6 +74,7 @@ class Run:
     schedule: object
     key: jax.Array  # data-order key
     profile: profiling.Window | None = None  # config.profile's steps, traced
+    flops_per_step: float | None = None  # XLA's count for the compiled step, once it compiled
 
 
 def wall_seconds() -> float:
@@ -388,6 +390,7 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
         if done == first and first_in_process:
             jax.block_until_ready(acc)
             start, timed_steps = time.perf_counter(), run.steps_per_epoch - stop
+            run.flops_per_step = compiled_step_flops(run.train_fn, state, acc, args)
         if stop % c.log_every_steps == 0:
             check_steps(run, acc, epoch)
             log_progress(run, bar, writer, step0 + stop, acc, start, stop - 1)
@@ -401,6 +404,13 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
     elapsed = time.perf_counter() - start
     bar.close()
     return state, acc, timed_steps * c.batch_size / max(elapsed, 1e-9)
+
+
+def compiled_step_flops(train_fn, state, acc, args) -> float | None:
+    """FLOPs of one train step on one device (its part of the SPMD program), by XLA's cost
+    analysis of ``train_fn`` compiled for these arguments: a lookup in JAX's caches once it has
+    run. A device loop's body counts once, as one step."""
+    return flops_lib.step_flops(train_fn.lower(state, acc, *args).compile())
 
 
 def dispatch(run: Run, state, acc, args, before: int, after: int):
@@ -501,6 +511,13 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     scale = 1.0 if state.plateau is None else float(state.plateau.scale)
     line["learning_rate"] = float(run.schedule(int(state.step))) * scale
     line["train_images_per_sec"] = round(ips, 1)
+    utilisation = flops_lib.mfu(
+        run.flops_per_step,
+        ips / run.config.batch_size,
+        flops_lib.peak_flops(jax.devices()[0], run.config.dtype),
+    )
+    if utilisation is not None:
+        line["mfu"] = round(utilisation, 4)
     line["wall_s"] = round(wall_seconds(), 2)
     return line
 

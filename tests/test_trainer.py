@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import variant
 
-from cnnjax import checkpoint, optim, trainer
+from cnnjax import checkpoint, models, optim, summary, trainer
 from cnnjax import metrics as metrics_lib
 from cnnjax.errors import CheckpointError, TrainingDivergedError
 from cnnjax.evaluation import evaluate_run
@@ -36,11 +36,20 @@ def final_params(config, workdir):
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path):
+def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path, monkeypatch):
+    peak = 1e9  # a made-up peak for the CPU (the table knows accelerators only)
+    monkeypatch.setattr(trainer.flops_lib, "peak_flops", lambda device, dtype: peak)
     line = trainer.train_and_evaluate(tiny_config, tmp_path)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert set(lines[0]) >= LINE_KEYS and "test_accuracy" not in lines[0]
+    # MFU = XLA's FLOPs per step on one device (its part of the SPMD program) x steps/s / the
+    # device's peak. Per image, about 3x the forward pass's FLOPs (forward, and a backward pass
+    # of twice its work), plus the optimizer and the rest.
+    forward = summary.summary(models.get("simple_cnn", num_classes=10), (28, 28, 1)).flops
+    devices = jax.device_count()
+    per_image = [x["mfu"] * peak * devices / x["train_images_per_sec"] for x in lines]
+    assert all(2.5 * forward < f < 4 * forward for f in per_image), (per_image, forward)
     assert {"test_loss", "test_accuracy"} <= set(lines[-1]) and lines[-1] == line
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     # 2 tiny epochs on 512 images: 0.6953 measured on seed 0; a floor 4.5 points (23 images) below.
