@@ -195,10 +195,11 @@ def compile_steps(config, data: Data, mesh, per_dispatch: int = 1):
     else:
 
         def train_range(state, acc, split, order, start, stop):
-            # A device loop with dynamic bounds: one compilation for any number of steps. Its
-            # body is compiled apart from a standalone step, so it may round differently from
-            # per_dispatch == 1 (observed on XLA:CPU, which also runs it ~20x slower); any
-            # split of an epoch into dispatches gives the same bits.
+            # A device loop with dynamic bounds: one compilation for any number of steps, and
+            # any split of an epoch into dispatches gives the same bits. Its body is compiled
+            # apart from a standalone step, so it may round differently from per_dispatch ==
+            # 1 (observed on XLA:CPU, whose convolutions also run far slower in a loop body:
+            # jax-ml/jax#12868; hence auto is 1 there).
             body = lambda i, carry: train(*carry, take(split, order, i))
             return jax.lax.fori_loop(start, stop, body, (state, acc))
 
