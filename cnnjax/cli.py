@@ -132,10 +132,12 @@ def deterministic_flags(platform: str) -> dict[str, str]:
     """XLA flags that make ``platform``'s results identical run to run (``config.deterministic``).
 
     - GPU ("cuda", "rocm"): ``--xla_gpu_deterministic_ops=true`` ("Guarantees run-to-run
-      determinism on GPU", its help text in jaxlib 0.10-0.12): convolution and matmul
-      algorithms are picked deterministically instead of by timing, and scatters, max-pooling's
-      gradient included, are rewritten to deterministic forms. Slower; measured by
-      experiments/gpu_check.sh.
+      determinism on GPU", its help text in jaxlib 0.10-0.12): no autotuning (convolution and
+      matmul algorithms picked without timing them) and deterministic implementations of the
+      ops that have others (scatter). XLA's docs (docs/determinism.md) say select-and-scatter,
+      the gradient of an overlapping max pool (ResNet stems; cnnjax's 2x2/2 pools avoid it),
+      has none and fails to compile in this mode; the plugin of jaxlib 0.11.2 carries a
+      SelectAndScatterExpander. Not run on a GPU yet: gpu_check.sh's device tests run under it.
     - CPU: nothing is needed. XLA:CPU's programs are bit-identical run to run (the kill-and-resume
       tests compare whole train states bit for bit).
     - TPU: nothing known to be needed.
