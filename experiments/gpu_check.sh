@@ -22,7 +22,7 @@ fi
 # part -> time limit in seconds (the full check's add up to the 470 s budget; --quick: any CPU).
 if [ -z "$quick" ]; then
   budget=470
-  limits=(env:20 tests:120 train:120 tools:40 resnet50:75 fast:45 flags:50)
+  limits=(env:15 tests:150 train:110 tools:35 resnet50:70 fast:40 flags:45)
 else
   budget=1800
   limits=(env:120 tests:300 train:600 tools:300 resnet50:600 fast:600 flags:600)
