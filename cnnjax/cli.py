@@ -2,24 +2,37 @@
 
 Before ``main`` runs, identically for every tool: ``--config=NAME`` resolved to a preset file,
 the XLA flags measured fastest for the target platform added to ``XLA_FLAGS`` (the user's own
-entries win), JAX's persistent compilation cache turned on, and library chatter (absl, Orbax,
-TensorFlow) lowered to errors unless ``--verbosity`` is given. While it runs, a
-``CnnjaxError`` (a mistake the user can fix) and any error while parsing the flags end the
-process with one line ``error: ...`` on stderr and exit status 2; ``CNNJAX_TRACEBACK=1`` shows
-the traceback too. Anything else is a bug and keeps its traceback. A run stopped by SIGTERM or
-SIGINT (``preemption.Preempted``) ends with its one line on stderr and exit status 128 + signum;
-so does a SIGINT (Ctrl-C) anywhere else under the harness, without a traceback.
+entries win; only flags the installed jaxlib knows), JAX's persistent compilation cache turned
+on, and library chatter (absl, Orbax, TensorFlow, the C++ warnings of the GPU plugin) lowered to
+errors unless ``--verbosity`` is given. While it runs, a ``CnnjaxError`` (a mistake the user can
+fix) and any error while parsing the flags end the process with one line ``error: ...`` on
+stderr and exit status 2; ``CNNJAX_TRACEBACK=1`` shows the traceback too. Anything else is a bug
+and keeps its traceback. A run stopped by SIGTERM or SIGINT (``preemption.Preempted``) ends with
+its one line on stderr and exit status 128 + signum; so does a SIGINT (Ctrl-C) anywhere else
+under the harness, without a traceback.
+
+Platforms (``target_platform``): "cpu", "cuda", "rocm" or "tpu", from ``JAX_PLATFORMS`` or the
+installed PJRT plugin, decided before JAX starts. ``DEFAULT`` holds the flags per platform; the
+GPU and TPU entries are empty until measured (docs/gpu.md). ``--config.deterministic=True`` adds
+``deterministic_flags`` (GPU: ``--xla_gpu_deterministic_ops=true``).
+
+Device memory: the harness leaves JAX's allocator settings alone. On a GPU JAX preallocates 75%
+of the memory at start, right for one trainer per GPU; to share a GPU (two trainers, PyTorch
+beside JAX) set ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (allocate as needed) or
+``XLA_CLIENT_MEM_FRACTION=0.4`` (this share, preallocated; jaxlib 0.10-0.12 still read the
+deprecated ``XLA_PYTHON_CLIENT_MEM_FRACTION`` and refuse both at once) before starting it.
 
 Nothing happens on import. ``experiments/README.md`` ("Where the time goes (CPU)") has the
 measurements behind every XLA flag here.
 """
 
+import itertools
 import os
 import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -31,8 +44,33 @@ TRACEBACK_ENV = "CNNJAX_TRACEBACK"  # "1": print the traceback of a user error a
 # SIGINT outside training's step loop (which saves and says so: cnnjax.preemption).
 INTERRUPTED = "interrupted (SIGINT)"
 
-# Flags per platform, each measured to be faster there (experiments/profile_step.py) and checked
-# to be accepted by jaxlib >= 0.10 (an unknown name in XLA_FLAGS aborts the process).
+Version = tuple[int, ...]
+
+# Every XLA flag cnnjax sets, with the jaxlib versions that accept it: [first, end), end None
+# while the newest jaxlib checked still does. jaxlib and the GPU plugin parse XLA_FLAGS when a
+# backend starts and abort the process on an unknown name, so a flag is set only where it is
+# known. Checked in the flag registries compiled into jaxlib 0.10.2, 0.11.2 and 0.12.0.1 and
+# into jax-cuda13-pjrt 0.11.2 (the flag names next to their help texts in the shared libraries):
+# XLA has one registry (DebugOptions) for every backend, so the GPU plugin knows the CPU flags
+# and jaxlib the GPU ones; a flag only does something on the backend it names.
+FLAG_SUPPORT: dict[str, tuple[Version, Version | None]] = {
+    # A host-platform flag (fake CPU devices); known to GPU builds too, where jax.devices("cpu")
+    # gets the fake devices beside the GPU.
+    "xla_force_host_platform_device_count": ((0, 10), None),
+    "xla_llvm_disable_expensive_passes": ((0, 10), None),
+    # Gone from jaxlib 0.11 (a reserved DebugOptions field there): set by the tests' conftest, it
+    # aborted every test process on jaxlib 0.11.2.
+    "xla_cpu_use_fusion_emitters": ((0, 10), (0, 11)),
+    # Its values (LibraryFusionType DOT, ELTWISE, REDUCE) are in all three jaxlibs.
+    "xla_cpu_experimental_ynn_fusion_type": ((0, 10), None),
+    "xla_gpu_deterministic_ops": ((0, 10), None),
+    # Candidates measured by experiments/gpu_check.sh, not set by default.
+    "xla_gpu_enable_latency_hiding_scheduler": ((0, 10), None),
+    "xla_gpu_enable_triton_gemm": ((0, 10), None),
+    "xla_gpu_autotune_level": ((0, 10), None),
+}
+
+# Flags per platform, each measured to be faster there (experiments/profile_step.py).
 CPU_FLAGS: dict[str, str] = {
     # jaxlib 0.10 sends each convolution to YNNPACK ("individual_convolution" in the default list),
     # whose backward convolutions are ~3x slower than XLA's Eigen path at CNN-on-CPU sizes. This
@@ -41,9 +79,91 @@ CPU_FLAGS: dict[str, str] = {
     # fusion, and taking "eltwise" out as well to avoid that was no faster.
     "xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce",
 }
-DEFAULT: dict[str, dict[str, str]] = {"cpu": CPU_FLAGS}
-_MIN_JAXLIB = (0, 10)  # the oldest jaxlib these flags were verified on
+# GPU and TPU entries stay empty until a measurement on that platform shows a flag to be faster:
+# no flag is chosen blindly. experiments/gpu_check.sh times the candidates against none
+# (docs/gpu.md) so that a run on a GPU can fill the "cuda" entry.
+DEFAULT: dict[str, dict[str, str]] = {"cpu": CPU_FLAGS, "cuda": {}, "rocm": {}, "tpu": {}}
+# Accelerator platforms, in the order JAX prefers them when several plugins are installed.
+ACCELERATORS = ("cuda", "rocm", "tpu")
+# TF_CPP_MIN_LOG_LEVEL: what ``import jax`` puts there when it is unset, and the harness's own
+# level (C++ errors only), which keeps XLA:GPU's "cuda_timer.cc:88] Delay kernel timed out"
+# warnings (the autotuner's timer, up to 5 per process) off the terminal.
+JAX_CPP_LOG_LEVEL = "1"
+QUIET_CPP_LOG_LEVEL = "2"
 DEFAULT_CACHE_DIR = "~/.cache/cnnjax/jax"
+
+
+def parse_version(text: str) -> Version:
+    """``"0.11.2"`` -> (0, 11, 2); ``"0.12.0.1"`` -> (0, 12, 0, 1); a ``.dev``/``rc`` tail is
+    dropped."""
+    parts = []
+    for part in text.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+        if digits != part:
+            break
+    return tuple(parts)
+
+
+def jaxlib_version() -> Version:
+    """The installed jaxlib's version, read without importing it."""
+    from importlib.metadata import version
+
+    return parse_version(version("jaxlib"))
+
+
+def flag_accepted(name: str, jaxlib: Version) -> bool:
+    """Whether ``jaxlib`` knows the XLA flag ``name`` (FLAG_SUPPORT). A name missing from the
+    table is the caller's own and is trusted."""
+    if name not in FLAG_SUPPORT:
+        return True
+    first, end = FLAG_SUPPORT[name]
+    return jaxlib >= first and (end is None or jaxlib < end)
+
+
+def supported_flags(chosen: Mapping[str, str], jaxlib: Version) -> dict[str, str]:
+    """The entries of ``chosen`` that ``jaxlib`` accepts."""
+    return {name: value for name, value in chosen.items() if flag_accepted(name, jaxlib)}
+
+
+def deterministic_flags(platform: str) -> dict[str, str]:
+    """XLA flags that make ``platform``'s results identical run to run (``config.deterministic``).
+
+    - GPU ("cuda", "rocm"): ``--xla_gpu_deterministic_ops=true`` ("Guarantees run-to-run
+      determinism on GPU", its help text in jaxlib 0.10-0.12): no autotuning (convolution and
+      matmul algorithms picked without timing them) and deterministic implementations of the
+      ops that have others (scatter). XLA's docs (docs/determinism.md) say select-and-scatter,
+      the gradient of an overlapping max pool (ResNet stems; cnnjax's 2x2/2 pools avoid it),
+      has none and fails to compile in this mode; the plugin of jaxlib 0.11.2 carries a
+      SelectAndScatterExpander. Not run on a GPU yet: gpu_check.sh's device tests run under it.
+    - CPU: nothing is needed. XLA:CPU's programs are bit-identical run to run (the kill-and-resume
+      tests compare whole train states bit for bit).
+    - TPU: nothing known to be needed.
+    """
+    return {"xla_gpu_deterministic_ops": "true"} if platform in ("cuda", "rocm", "gpu") else {}
+
+
+def missing_deterministic_flags(platform: str, xla_flags: str) -> dict[str, str]:
+    """The deterministic flags of ``platform`` that ``xla_flags`` lacks or sets otherwise (a
+    user's own ``--xla_gpu_deterministic_ops=false`` wins over the config; the trainer can say
+    so)."""
+    present = parse_xla_flags(xla_flags)
+    wanted = deterministic_flags(platform)
+    return {k: v for k, v in wanted.items() if (present.get(k) or "").lower() != v}
+
+
+def xla_flags_for(
+    platform: str,
+    jaxlib: Version,
+    deterministic: bool = False,
+    table: Mapping[str, Mapping[str, str]] = DEFAULT,
+) -> dict[str, str]:
+    """The XLA flags the harness adds for ``platform`` under ``jaxlib``: the platform's entry of
+    ``table`` (and its deterministic flags when asked), less what this jaxlib does not know."""
+    chosen = {**table.get(platform, {}), **(deterministic_flags(platform) if deterministic else {})}
+    return supported_flags(chosen, jaxlib)
 
 
 def parse_xla_flags(xla_flags: str) -> dict[str, str | None]:
@@ -65,22 +185,44 @@ def merge_flags(xla_flags: str, flags: Mapping[str, str]) -> str:
     return " ".join([xla_flags.strip(), *extra]).strip()
 
 
-def target_platform(environ: Mapping[str, str] | None = None) -> str:
-    """The platform JAX will pick, guessed without initialising a backend.
+def plugin_platform(name: str) -> str | None:
+    """The platform a PJRT plugin serves, from its entry-point or module name: "xla_cuda12",
+    "xla_cuda13", "cuda", "gpu" -> "cuda"; "xla_rocm7", "rocm" -> "rocm"; "libtpu", "tpu" ->
+    "tpu"; any other name -> None."""
+    lowered = name.lower()
+    for key, platform in (("rocm", "rocm"), ("cuda", "cuda"), ("gpu", "cuda"), ("tpu", "tpu")):
+        if key in lowered:
+            return platform
+    return None
 
-    ``JAX_PLATFORMS`` decides when set (its first entry); otherwise "cpu" unless an accelerator
-    plugin (``jax_plugins`` entry point, e.g. the CUDA or TPU plugin) is installed.
+
+def target_platform(
+    environ: Mapping[str, str] | None = None, plugins: Iterable[str] | None = None
+) -> str:
+    """The platform JAX will pick, guessed without initialising a backend: "cpu", "cuda",
+    "rocm", "tpu", or "accelerator" for a plugin of another name.
+
+    ``JAX_PLATFORMS`` decides when set (its first entry; JAX's alias "gpu" is the installed GPU
+    platform); otherwise the installed accelerator plugins (``plugins``, default: found the ways
+    JAX finds them), else "cpu".
     """
     environ = os.environ if environ is None else environ
-    platforms = environ.get("JAX_PLATFORMS", "").strip()
-    if platforms:
-        return platforms.split(",")[0].strip().lower()
-    return "accelerator" if _accelerator_plugins() else "cpu"
+    plugins = _accelerator_plugins() if plugins is None else list(plugins)
+    found = {plugin_platform(name) for name in plugins}
+    first = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if first == "gpu":
+        return "rocm" if "rocm" in found and "cuda" not in found else "cuda"
+    if first:
+        return first
+    for platform in ACCELERATORS:
+        if platform in found:
+            return platform
+    return "accelerator" if plugins else "cpu"
 
 
 def _accelerator_plugins() -> list[str]:
-    """Installed PJRT plugins, found the two ways JAX finds them (entry points and the
-    ``jax_plugins`` namespace package), without importing JAX."""
+    """Installed PJRT plugins, found the ways JAX finds them (``jax_plugins`` entry points and
+    namespace package, and the ``libtpu`` package), without importing JAX."""
     import importlib.util
     import pkgutil
     from importlib.metadata import entry_points
@@ -89,6 +231,8 @@ def _accelerator_plugins() -> list[str]:
     spec = importlib.util.find_spec("jax_plugins")
     if spec is not None and spec.submodule_search_locations:
         names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    if importlib.util.find_spec("libtpu") is not None:
+        names.append("libtpu")
     return names
 
 
@@ -102,14 +246,19 @@ def backend_initialized() -> bool:
     return bool(check()) if check else bool(getattr(xla_bridge, "_backends", {}))
 
 
-def configure_xla(platform_flags: Mapping[str, Mapping[str, str]] = DEFAULT) -> str | None:
-    """Adds the fast XLA flags for the target platform to ``os.environ["XLA_FLAGS"]``.
+def configure_xla(
+    platform_flags: Mapping[str, Mapping[str, str]] = DEFAULT, deterministic: bool = False
+) -> str | None:
+    """Adds the XLA flags for the target platform to ``os.environ["XLA_FLAGS"]``.
 
     Must run before JAX initialises its backend (the first array op, ``jax.devices()``, ...);
-    after that it warns and changes nothing. Flags the user already set keep their value.
+    after that it warns and changes nothing. Flags the user already set keep their value; flags
+    this jaxlib does not know are left out (``xla_flags_for``).
 
     Args:
       platform_flags: platform -> {flag name without dashes: value}.
+      deterministic: add ``deterministic_flags`` of the platform too (``config.deterministic``;
+        nothing on CPU, where runs are already bit-identical).
 
     Returns:
       The new ``XLA_FLAGS`` value, or None when nothing was changed.
@@ -121,18 +270,34 @@ def configure_xla(platform_flags: Mapping[str, Mapping[str, str]] = DEFAULT) -> 
             stacklevel=2,
         )
         return None
-    chosen = platform_flags.get(target_platform(), {})
-    if not chosen or _jaxlib_version() < _MIN_JAXLIB:
+    chosen = xla_flags_for(target_platform(), jaxlib_version(), deterministic, platform_flags)
+    if not chosen:
         return None
     merged = merge_flags(os.environ.get("XLA_FLAGS", ""), chosen)
     os.environ["XLA_FLAGS"] = merged
     return merged
 
 
-def _jaxlib_version() -> tuple[int, ...]:
-    from importlib.metadata import version
+def native_log_level(environ: Mapping[str, str], verbose: bool) -> str | None:
+    """The ``TF_CPP_MIN_LOG_LEVEL`` the harness sets, or None to leave it as it is.
 
-    return tuple(int(p) for p in version("jaxlib").split(".")[:2] if p.isdigit())
+    XLA's C++ libraries read it once, when loaded: the GPU or TPU plugin at backend start,
+    TensorFlow when a dataset is prepared (jaxlib itself is loaded by ``import jax``, before the
+    harness runs). ``import jax`` puts "1" there when it is unset, so "1" counts as unset; any
+    other value is the user's and wins, and so does ``--verbosity``.
+    """
+    if verbose or environ.get("TF_CPP_MIN_LOG_LEVEL", "") not in ("", JAX_CPP_LOG_LEVEL):
+        return None
+    return QUIET_CPP_LOG_LEVEL
+
+
+def requested_determinism(flag_values) -> bool:
+    """Whether the tool's ``--config`` (where it has one) sets ``deterministic=True``."""
+    if "config" not in flag_values:
+        return False
+    config = flag_values["config"].value
+    get = getattr(config, "get", None)
+    return bool(get and get("deterministic", False) is True)
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -215,14 +380,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def prepare_process() -> None:
-    """XLA flags, CPU thread pools, the multi-process runtime (``cnnjax.distributed``, where the
-    tool defines its flags), compilation cache and log levels."""
-    if not flags.FLAGS["verbosity"].present:  # --verbosity=N (absl's own flag) still wins
+    """Log levels, XLA flags (``config.deterministic`` included, where the tool has a
+    ``--config``), CPU thread pools, the multi-process runtime (``cnnjax.distributed``, where the
+    tool defines its flags) and the compilation cache: everything that must precede JAX's
+    backend start."""
+    verbose = flags.FLAGS["verbosity"].present  # --verbosity=N (absl's own flag) still wins
+    if not verbose:
         # Orbax's and absl's info and warnings (e.g. "read-only manager saves nothing") are
         # not for the terminal.
         logging.set_verbosity(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    configure_xla()
+    level = native_log_level(os.environ, verbose)
+    if level is not None:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = level
+    configure_xla(deterministic=requested_determinism(flags.FLAGS))
     parallel.size_cpu_thread_pools()
     if "coordinator_address" in flags.FLAGS:  # the tools that define cnnjax.distributed's flags
         from cnnjax import distributed

@@ -1,9 +1,12 @@
 """Smoke tests of the experiment scripts' pure helpers (no training, no timing assertions)."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
@@ -129,23 +132,119 @@ def test_first_crossing_and_verdict():
     assert "PASS" in tta.format_report(v, 0.93, 60)
 
 
-def test_accelerator_check_parts():
-    import accelerator_check as ac
-    import jax
-    import numpy as np
+# ------------------------------------------------------------------------- gpu_check / gpu_carry
+
+
+def test_gpu_check_synthetic_test_split_shares_the_training_templates():
+    """The test split is drawn around the training split's class templates: a classifier that
+    knows only the training class means labels test images right (the first GPU run drew each
+    split's templates from its own key and reached 0.15)."""
+    import gpu_check
+
+    split = gpu_check.synthetic_splits({"train": 300, "test": 200}, (4, 4, 3), 10, seed=3)
+    assert split["test"]["image"].dtype == np.uint8 and split["test"]["image"].shape == (
+        200,
+        4,
+        4,
+        3,
+    )
+    x = split["train"]["image"].reshape(300, -1).astype(np.float32)
+    y = split["train"]["label"]
+    means = np.stack([x[y == c].mean(0) for c in range(10)])
+    test = split["test"]["image"].reshape(200, -1).astype(np.float32)
+    nearest = np.argmin(((test[:, None] - means[None]) ** 2).sum(-1), 1)
+    assert np.mean(nearest == split["test"]["label"]) > 0.9
+
+
+def test_gpu_check_commands_and_flags():
+    import gpu_check
+
+    from cnnjax import cli
 
     root = Path(__file__).resolve().parent.parent
-    for name in ac.DEVICE_INDEPENDENT_TESTS:  # no TFDS: the accelerator image has none
+    for name in gpu_check.DEVICE_TESTS:  # the GPU image has no TensorFlow and no dataset
         text = (root / name).read_text()
-        assert "fmnist_data_dir" not in text and "tfds" not in text, name
-    split = ac.synthetic_split(jax.random.key(0), 64, (4, 4, 3), 10)
-    assert split["image"].dtype == np.uint8 and split["image"].shape == (64, 4, 4, 3)
-    # Each class has its own template: images of one class are closer to their class mean.
-    x = np.asarray(split["image"], np.float32).reshape(64, -1)
-    labels = np.asarray(split["label"])
-    means = np.stack([x[labels == c].mean(0) for c in np.unique(labels)])
-    nearest = np.unique(labels)[np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), 1)]
-    assert np.mean(nearest == labels) > 0.9
-    config = ac.fast_config(quick=True, epochs=1)
-    assert (config.dtype, config.model.name, config.num_epochs) == ("bfloat16", "fast_cnn", 1)
-    assert ac.parse_args(["all", "--quick"]).steps == 2
+        assert "fmnist_data_dir" not in text and "tensorflow" not in text, name
+    cmd = gpu_check.tests_command(quick=False)
+    assert cmd[cmd.index("not slow") - 1] == "-m" and cmd[-1] == gpu_check.DEVICE_TESTS[-1]
+    flags = {k for f in gpu_check.CANDIDATE_FLAGS.values() for k in f}
+    assert flags <= cli.FLAG_SUPPORT.keys()  # each with the jaxlibs that know it
+    assert set(gpu_check.QUICK_CANDIDATES) <= gpu_check.CANDIDATE_FLAGS.keys()
+    train = gpu_check.train_command("default", Path("/w"), Path("/d"), quick=False)
+    assert train[2:] == [
+        "cnnjax.train", "--config=default", "--workdir=/w", "--config.data.data_dir=/d",
+        "--config.data.download=False",
+    ]  # fmt: skip
+    summary = gpu_check.pytest_summary("....\n2 failed, 120 passed, 3 skipped in 95.20s\n")
+    assert summary == {"failed": 2, "passed": 120, "skipped": 3, "pytest_s": 95.2}
+
+
+def test_gpu_check_table_reads_results_and_time_outs(tmp_path):
+    import gpu_check
+
+    (tmp_path / "fast.json").write_text(json.dumps({
+        "data": {"train": 50000, "test": 10000}, "status": 0, "test_accuracy": 0.9876,
+        "wall_s": 31.5, "train_images_per_sec": 440000.0,
+    }))  # fmt: skip
+    (tmp_path / "fast.status").write_text("0\n")
+    (tmp_path / "flags.json").write_text(json.dumps({
+        "none": {"images_per_sec": 100.0, "compile_s": 2.0, "model": "resnet20", "batch": 512,
+                 "vs_none": 1.0},
+        "deterministic": {"error": "boom"},
+    }))  # fmt: skip
+    (tmp_path / "resnet50.status").write_text("124\n")
+    table = gpu_check.format_table(gpu_check.table_rows(gpu_check.load_results(tmp_path)))
+    assert "test 98.76%, wall_s 31.5, 440,000 img/s" in table
+    assert "100 img/s (1.00x of none), compile 2.0 s, resnet20 batch 512" in table
+    assert "XLA flags: deterministic" in table and "failed: boom" in table
+    assert "resnet50: stopped" in table and "exit status 124 (time limit)" in table
+    assert "tests" in table and "not run" in table
+
+
+def test_gpu_carry_wheels_and_splits():
+    import gpu_carry
+
+    assert gpu_carry.wheel_name(Path("tensorflow_datasets-4.9.10-py3-none-any.whl")) == (
+        "tensorflow-datasets"
+    )
+    wheels = [Path("cnnjax-0.1.0-py3-none-any.whl"), Path("toml-0.10.2-py2.py3-none-any.whl")]
+    wheels.append(Path("promise-2.3-py3-none-any.whl"))
+    missing = gpu_carry.missing_wheels(wheels, is_installed=lambda name: name != "promise")
+    assert [w.name.split("-")[0] for w in missing] == ["cnnjax", "promise"]
+
+    class Split:
+        def __init__(self, n):
+            self.num_examples = n
+
+    class Builder:
+        class info:  # noqa: N801  (TFDS's attribute name)
+            splits = {"train": Split(60000), "test": Split(10000)}
+
+    assert gpu_carry.trainer_splits(Builder) == {"train[:54000]", "train[54000:]", "test"}
+    assert "promise" in gpu_carry.SDIST_ONLY and "tensorflow-datasets" in gpu_carry.CARRY_PACKAGES
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_every_part(tmp_path):
+    """``bash experiments/gpu_check.sh --quick``: every part runs at toy sizes and the table has
+    a row for each (what the GPU machine runs at full size)."""
+    import gpu_check
+
+    root = Path(__file__).resolve().parent.parent
+    drop = ("XLA_FLAGS", "NPROC", "JAX_DEFAULT_MATMUL_PRECISION", "PYTEST_XDIST_WORKER")
+    env = {k: v for k, v in os.environ.items() if k not in drop and "XLA_PYTHON_CLIENT" not in k}
+    env["OUT"] = str(tmp_path)
+    out = subprocess.run(
+        ["bash", "experiments/gpu_check.sh", "--quick"], cwd=root, env=env,
+        capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = tmp_path / "gpu_check"
+    for part in gpu_check.PARTS:
+        assert (results / f"{part}.status").read_text().strip() == "0", (
+            part, (results / "log.txt").read_text()[-3000:])  # fmt: skip
+    table = (results / "table.txt").read_text()
+    for fragment in ("train default/cold cache", "export cuda,cpu + export.load", "PyTorch eager",
+                     "cifar10_fast bf16", "XLA flags: deterministic", " passed in "):  # fmt: skip
+        assert fragment in table, table
+    assert "failed" not in table, table

@@ -49,6 +49,7 @@ def run_args(data_dir: str, epochs: int = EPOCHS, examples: int = 32) -> list[st
 def env_with_devices(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, also on a machine with a GPU
     return env
 
 

@@ -106,9 +106,10 @@ def test_one_sharded_step_equals_single_device():
     here is a first-layer kernel gradient over 16 images x 16 x 16 positions, n = 4096, so 64
     ulps of each leaf's largest entry (measured: 14 on an AVX-512 EPYC).
     """
-    assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
-    many = run_steps(parallel.make_mesh(), 1)
-    one = run_steps(parallel.make_mesh(jax.devices()[:1]), 1)
+    cpus = jax.devices("cpu")
+    assert len(cpus) == 4, "conftest sets 4 fake CPU devices"
+    many = run_steps(parallel.make_mesh(cpus), 1)
+    one = run_steps(parallel.make_mesh(cpus[:1]), 1)
     assert_within_ulps(many, one, ulps=np.sqrt(16 * 16 * 16))
 
 
@@ -123,8 +124,8 @@ def test_sharded_steps_equal_single_device_in_float64():
     reassociation from any real difference in semantics.
     """
     with jax.enable_x64(True):
-        many = run_steps(parallel.make_mesh(), 3, jnp.float64)
-        one = run_steps(parallel.make_mesh(jax.devices()[:1]), 3, jnp.float64)
+        many = run_steps(parallel.make_mesh(jax.devices("cpu")), 3, jnp.float64)
+        one = run_steps(parallel.make_mesh(jax.devices("cpu")[:1]), 3, jnp.float64)
     assert jax.tree.leaves(many)[0].dtype == np.float64
     assert_within_ulps(many, one, ulps=64 * 35**3)
 

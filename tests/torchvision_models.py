@@ -1,30 +1,53 @@
-"""``import torchvision`` for the tests, on a CPU-only torch.
+"""``import torchvision`` for the tests, on a CUDA torch as on a CPU-only one.
 
-The package index serves torch as a CPU build but torchvision only as CUDA builds. The model
-definitions are pure Python, but torchvision's compiled operators cannot load against a CPU
+Where torchvision's compiled operators load (a CUDA torch beside a CUDA torchvision, as on a GPU
+machine), ``import torchvision`` simply works, and that is what ``import_torchvision`` does
+first. Here, the package index serves torch as a CPU build but torchvision only as CUDA builds:
+the model definitions are pure Python, but the compiled operators cannot load against a CPU
 torch, and ``import torchvision`` then fails in ``torchvision/_meta_registrations.py``:
 ``torch.library.register_fake("torchvision::nms")`` raises ``operator torchvision::nms does not
-exist``. Defining the two operator schemas it registers fakes for (``nms`` and ``qnms``) before
-the import lets it finish; nothing here calls those operators.
+exist``. Only then are the two operator schemas it registers fakes for (``nms`` and ``qnms``)
+defined and the import retried; nothing here calls those operators. (Defining them before a
+plain import would break the machines where the operators load: their library registers the
+same schemas again and aborts.)
 """
+
+import sys
 
 import torch
 
-# The Library must stay alive: dropping it unregisters the schemas.
+# The Library must stay alive: dropping it unregisters the schemas. None: not needed (yet).
 _LIBRARY = None
+_SCHEMA_OPS = ("nms", "qnms")
 
 
 def import_torchvision():
-    """The ``torchvision`` module, importable without its compiled operators."""
+    """The ``torchvision`` module: a plain import where its operators load, else one with the
+    schemas of the operators it needs at import time defined first."""
     global _LIBRARY
-    if _LIBRARY is None and not _has_op("nms"):
-        _LIBRARY = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            if not _has_op(op):
-                _LIBRARY.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision
-
+    try:
+        import torchvision
+    except RuntimeError as e:  # "operator torchvision::nms does not exist"
+        if "torchvision::" not in str(e):
+            raise
+        _forget_partial_import()
+        _LIBRARY = _define_schemas()
+        import torchvision
     return torchvision
+
+
+def _forget_partial_import() -> None:
+    """Drops the torchvision modules a failed import left behind, so the retry runs them all."""
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+
+def _define_schemas():
+    library = torch.library.Library("torchvision", "DEF")
+    for op in _SCHEMA_OPS:
+        if not _has_op(op):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return library
 
 
 def _has_op(name: str) -> bool:

@@ -59,6 +59,7 @@ RULES: dict[str, r.Rule] = {
     "ema_decay": _FRACTION_BELOW_1,
     "flip_tta": r.BOOL,
     "seed": r.number(0, 2**32 - 1, integer=True),
+    "deterministic": r.BOOL,
     "plateau.patience": _COUNT,
     "plateau.factor": r.number(0, 1, lo_open=True, hi_open=True, finite=True),
     "plateau.cooldown": _COUNT,
