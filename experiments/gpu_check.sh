@@ -5,7 +5,7 @@
 #
 #   python experiments/gpu_carry.py build    # once, where TensorFlow and pip's index are: .carry/
 #   bash experiments/gpu_check.sh            # on the GPU machine, .carry/ in the checkout
-#   bash experiments/gpu_check.sh --quick    # toy sizes on any CPU: the plumbing, about a minute
+#   bash experiments/gpu_check.sh --quick    # toy sizes on any CPU: the plumbing, a few minutes (CI runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=""
@@ -51,3 +51,10 @@ for entry in "${limits[@]}"; do
   echo "   exit $(cat "$out/$part.status") after $((SECONDS - start)) s" | tee -a "$log"
 done
 python experiments/gpu_check.py table --out "$out" | tee "$out/table.txt"
+# Any part that failed or ran out of time fails the check (CI runs the --quick form).
+for entry in "${limits[@]}"; do
+  if [ "$(cat "$out/${entry%%:*}.status")" != 0 ]; then
+    echo "gpu_check: part ${entry%%:*} failed (status $(cat "$out/${entry%%:*}.status")); see $log" >&2
+    exit 1
+  fi
+done
