@@ -6,6 +6,7 @@ on the device and are fetched once per ``log_every_steps`` and once per epoch.
 
 import dataclasses
 import json
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from cnnjax import (
     checkpoint,
+    cli,
     configs,
     evaluation,
     models,
@@ -93,7 +95,8 @@ def validate_names(config) -> None:
 
 
 def check_workdir(config, workdir: Path) -> None:
-    """Refuses a workdir that holds a different run; writes config.json otherwise."""
+    """Refuses a workdir that holds a different run; writes config.json otherwise (the config,
+    plus ``xla_flags``: the XLA_FLAGS the process runs with, the deterministic ones included)."""
     saved_path = workdir / "config.json"
     if saved_path.exists():
         saved = configs.upgrade(json.loads(saved_path.read_text()))
@@ -107,7 +110,31 @@ def check_workdir(config, workdir: Path) -> None:
             )
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        workdir_lib.write_text_atomic(saved_path, config.to_json_best_effort(indent=2))
+        saved = {**json.loads(config.to_json_best_effort()), "xla_flags": xla_flags()}
+        workdir_lib.write_text_atomic(saved_path, json.dumps(saved, indent=2))
+
+
+def xla_flags() -> str:
+    """The XLA_FLAGS of this process (read by XLA when JAX started its backend)."""
+    return os.environ.get("XLA_FLAGS", "")
+
+
+def check_deterministic(deterministic: bool, platform: str, flags: str) -> None:
+    """Refuses ``config.deterministic`` on a platform whose XLA runs without the flags that make
+    it so (``cli.deterministic_flags``): set before JAX started, as ``python -m cnnjax.train``
+    does, and not overridden by the user's own XLA_FLAGS.
+
+    Raises:
+      ConfigError: naming the missing flags.
+    """
+    missing = cli.missing_deterministic_flags(platform, flags) if deterministic else {}
+    if missing:
+        wanted = " ".join(f"--{k}={v}" for k, v in missing.items())
+        raise ConfigError(
+            f"--config.deterministic=True needs XLA_FLAGS to hold {wanted} before JAX starts on "
+            f"{platform}: run python -m cnnjax.train, or set it yourself (XLA_FLAGS has "
+            f"{flags or 'nothing'})"
+        )
 
 
 def prepared_builder(config):
@@ -617,6 +644,7 @@ def train_and_evaluate(config, workdir) -> dict:
 def _train_and_evaluate(config, workdir) -> dict:
     validation.check(config)
     validate_names(config)
+    check_deterministic(config.get("deterministic", False), jax.default_backend(), xla_flags())
     workdir = validation.check_workdir(workdir, create=jax.process_index() == 0)
     with workdir_lib.lock(workdir, jax.process_index() == 0), workdir_lib.disk_errors(workdir):
         return train_locked(config, workdir)

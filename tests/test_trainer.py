@@ -10,7 +10,7 @@ from conftest import variant
 
 from cnnjax import checkpoint, models, optim, summary, trainer
 from cnnjax import metrics as metrics_lib
-from cnnjax.errors import CheckpointError, TrainingDivergedError
+from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cnnjax.evaluation import evaluate_run
 
 LINE_KEYS = {
@@ -186,3 +186,28 @@ def test_profile_traces_exactly_the_chosen_steps(tiny_config, tmp_path):
         events = json.load(f)["traceEvents"]
     steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
     assert steps == [3, 4]
+
+
+def test_deterministic_needs_its_xla_flags_where_the_platform_has_them():
+    trainer.check_deterministic(True, "cpu", "")  # CPU runs are deterministic as they are
+    trainer.check_deterministic(False, "gpu", "")
+    trainer.check_deterministic(True, "gpu", "--xla_gpu_deterministic_ops=true")
+    with pytest.raises(ConfigError, match="needs XLA_FLAGS to hold --xla_gpu_deterministic_ops"):
+        trainer.check_deterministic(True, "gpu", "--xla_gpu_deterministic_ops=false")
+
+
+@pytest.mark.slow
+def test_two_deterministic_runs_are_bit_identical(tiny_config, tmp_path):
+    config = variant(tiny_config, deterministic=True, num_epochs=1, **{"data.limit_examples": 128})
+    lines = []
+    for name in ("a", "b"):
+        lines.append(trainer.train_and_evaluate(config, tmp_path / name))
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert saved["deterministic"] is True and "xla_flags" in saved
+    timing = ("train_images_per_sec", "wall_s")
+    assert [{k: v for k, v in x.items() if k not in timing} for x in lines[:1]] == [
+        {k: v for k, v in x.items() if k not in timing} for x in lines[1:]
+    ]
+    a, _ = final_params(config, tmp_path / "a")
+    b, _ = final_params(config, tmp_path / "b")
+    jax.tree.map(np.testing.assert_array_equal, a, b)
