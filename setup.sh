@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs cnnjax into the current Python: `bash setup.sh` (CPU), `bash setup.sh test` (adds the
-# test tools), `bash setup.sh cuda` (jax with its CUDA 12 runtime, for NVIDIA GPUs) or
+# test tools and ONNX export), `bash setup.sh onnx` (ONNX export), `bash setup.sh cuda` (jax with
+# its CUDA 12 runtime, for NVIDIA GPUs) or
 # `bash setup.sh tpu` (jax with libtpu, on a Cloud TPU VM): the extras of pyproject.toml, so the
 # accelerator's jax stays in the project's pinned jax range. On a machine without internet, TFDS
 # cannot download Fashion-MNIST: as root with apt, this also installs Debian's copy of the
@@ -9,10 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 case "${1:-}" in
   "") extras="" ;;
-  test | cuda | tpu) extras="[$1]" ;;
-  *) echo "setup.sh: unknown option '$1'; use one of: test, cuda, tpu" >&2; exit 2 ;;
+  test | cuda | tpu | onnx) extras="[$1]" ;;
+  *) echo "setup.sh: unknown option '$1'; use one of: test, cuda, tpu, onnx" >&2; exit 2 ;;
 esac
 python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+if [ "${1:-}" = "test" ] || [ "${1:-}" = "onnx" ]; then
+  # ONNX export's converter: --no-deps, see the onnx extra in pyproject.toml.
+  python -m pip install --quiet --disable-pip-version-check --no-deps "jax2onnx>=0.17.1,<0.18"
+fi
 if [ "${1:-}" = "test" ]; then
   # tests/test_pretrained.py compares with torchvision's models (CPU torch).
   python -m pip install --quiet "torch==2.13.0" safetensors

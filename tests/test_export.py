@@ -1,7 +1,8 @@
 """Export for serving: both artifacts reloaded in a fresh process answer as the predictor does,
 for several batch sizes (the batch is symbolic), with the run's EMA weights and flip TTA; the
-metadata; replacing an export; one-line errors. One tiny run (EMA and flip TTA on) is trained
-and exported once for the module."""
+metadata; replacing an export; one-line errors; ``--format=onnx`` from the command line. One tiny
+run (EMA and flip TTA on) is trained and exported once for the module. Every zoo family's ONNX
+export is in test_export_onnx.py."""
 
 import json
 import os
@@ -184,6 +185,7 @@ def test_metadata(out, run):
     assert meta["jaxlib_version"] == version("jaxlib")
     assert meta["step"] == run.step and meta["source"]["step"] == run.step
     assert meta["flip_tta"] is True
+    assert meta["formats"] == ["stablehlo", "saved_model"]  # the default
     assert meta["artifacts"] == {"stablehlo": "model.stablehlo", "saved_model": "saved_model"}
     assert "6 months" in meta["compatibility"]
     loaded = export.load(out)
@@ -275,11 +277,54 @@ def test_cli_exports(workdir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = checkpoint.load_run(workdir)
     assert result.stdout.splitlines() == [
-        f"exported step {run.step}: uint8 (N, 28x28x1) -> 10 class probabilities, for cpu",
-        f"  {out / export.STABLEHLO_FILE}",
+        f"exported step {run.step}: uint8 (N, 28x28x1) -> 10 class probabilities",
+        f"  {out / export.STABLEHLO_FILE}  (StableHLO for JAX, lowered for cpu)",
         f"  {out / export.METADATA_FILE}",
     ]
     assert export.load(out).platforms == ("cpu",)
+
+
+@pytest.mark.slow
+def test_cli_exports_onnx_that_answers_as_the_predictor(workdir, images, tmp_path):
+    """``--format=onnx`` end to end: the run's EMA weights and flip TTA in one model.onnx, which
+    onnxruntime runs for every batch size as the predictor (``python -m cnnjax.predict``)
+    computes. ATOL's derivation holds: onnxruntime runs the same float32 operations, its own
+    kernels summing in other orders."""
+    import onnxruntime as ort
+
+    out = tmp_path / "onnx"
+    args = [f"--workdir={workdir}", f"--out={out}", "--format=onnx"]
+    result = run_python("-m", "cnnjax.export", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = checkpoint.load_run(workdir)
+    assert result.stdout.splitlines() == [
+        f"exported step {run.step}: uint8 (N, 28x28x1) -> 10 class probabilities",
+        f"  {out / export.ONNX_FILE}  (ONNX opset 17)",
+        f"  {out / export.METADATA_FILE}",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [export.METADATA_FILE, export.ONNX_FILE]
+    meta = json.loads((out / export.METADATA_FILE).read_text())
+    assert meta["formats"] == ["onnx"] and meta["flip_tta"] is True
+    session = ort.InferenceSession(str(out / export.ONNX_FILE), providers=["CPUExecutionProvider"])
+    predictor = prediction.load_predictor(workdir)
+    diffs = {}
+    for n in BATCHES:
+        (got,) = session.run(["probabilities"], {"images": images[:n]})
+        expected = predictor.predict(images[:n])
+        assert got.shape == (n, 10) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+        diffs[n] = float(np.abs(got - expected).max())
+    print(f"onnx: max |probability difference| per batch size {diffs}")
+
+
+@pytest.mark.slow
+def test_cli_contradicting_formats_are_one_line(workdir, tmp_path):
+    args = [f"--workdir={workdir}", f"--out={tmp_path / 'o'}"]
+    result = run_python("-m", "cnnjax.export", *args, "--format=saved_model", "--nosaved_model")
+    assert_one_line_error(result, "--format names saved_model but --nosaved_model refuses it")
+    result = run_python("-m", "cnnjax.export", *args, "--format=tflite")
+    assert_one_line_error(result, "unknown export format tflite; choose from stablehlo")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

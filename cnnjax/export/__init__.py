@@ -2,17 +2,22 @@
 
 ``export_run(workdir, out)`` exports a trained run (``python -m cnnjax.export`` is its command
 line); ``export_model`` exports any Linen model with its variables and normalisation, and is
-what ``export_run`` calls. ``OUT`` then holds:
+what ``export_run`` calls. ``formats`` (``FORMATS``; default ``DEFAULT_FORMATS``) chooses what
+``OUT`` holds:
 
-- ``model.stablehlo``: a ``jax.export`` artifact (serialized StableHLO, the weights inside as
-  constants, so the file is about the size of the weights) of the eval-mode forward pass, with
-  a symbolic batch dimension, lowered for every platform in ``PLATFORMS``. ``load(out)`` turns
-  it back into a callable.
-- ``saved_model/``: a TensorFlow SavedModel of the same function (signature
+- ``model.stablehlo`` (``stablehlo``): a ``jax.export`` artifact (serialized StableHLO, the
+  weights inside as constants, so the file is about the size of the weights) of the eval-mode
+  forward pass, with a symbolic batch dimension, lowered for every platform in ``PLATFORMS``.
+  ``load(out)`` turns it back into a callable.
+- ``saved_model/`` (``saved_model``): a TensorFlow SavedModel of the same function (signature
   ``serving_default``: ``images`` uint8 [None, H, W, C] -> ``probabilities`` float32 [None, K]),
   for TF Serving, and convertible by ``tf.lite.TFLiteConverter.from_saved_model``.
-- ``export.json``: input and output, class names, normalisation, platforms, the jax, jaxlib and
-  TensorFlow versions, the checkpoint step and the compatibility window.
+- ``model.onnx`` (``onnx``): an ONNX graph of the same function (opset 17, symbolic batch,
+  weights inside), for onnxruntime, TensorRT, OpenVINO and browsers; written and checked in
+  onnxruntime by ``cnnjax.export.onnx_writer``, which says why jax2onnx and how.
+- ``export.json``, always: input and output, class names, normalisation, the formats and their
+  files, platforms, the jax, jaxlib, TensorFlow and ONNX versions, the checkpoint step and the
+  compatibility window.
 
 The function is ``cnnjax.prediction.probabilities`` itself (normalisation, the EMA weights when
 the run kept them, flip test-time augmentation when the run used it, softmax in float32), so the
@@ -24,7 +29,8 @@ packages (dataclasses-json, jaxtyping, marshmallow, wadler_lindig) while its Ten
 itself a wrapper of ``jax2tf.convert`` (``orbax/export/jax_module.py``). ``jax2tf`` ships with
 jax 0.10.2, serializes the same StableHLO the ``jax.export`` artifact holds into an
 ``XlaCallModule`` op, and keeps the weights as ``tf.Variable``s (no 2 GiB GraphDef limit for
-large models). TensorFlow is imported only when a SavedModel is written.
+large models). TensorFlow is imported only when a SavedModel is written, the ONNX packages only
+when ONNX is.
 """
 
 import dataclasses
@@ -52,6 +58,9 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 METADATA_FILE = "export.json"
 STABLEHLO_FILE = "model.stablehlo"
 SAVED_MODEL_DIR = "saved_model"
+ONNX_FILE = "model.onnx"
+FORMATS = ("stablehlo", "saved_model", "onnx")
+DEFAULT_FORMATS = ("stablehlo", "saved_model")
 FORMAT = "cnnjax-export/1"
 COMPATIBILITY = (
     "model.stablehlo is guaranteed loadable only within jax.export's compatibility window: by a "
@@ -59,7 +68,8 @@ COMPATIBILITY = (
     "(what counts is when each jaxlib was built; "
     "https://docs.jax.dev/en/latest/export/export.html#compatibility-guarantees). Re-export "
     "from the checkpoint to move past it. The SavedModel's XlaCallModule op carries the same "
-    "StableHLO and has the same window for the TensorFlow that serves it."
+    "StableHLO and has the same window for the TensorFlow that serves it. model.onnx holds no "
+    "StableHLO: runtimes that implement its ONNX opset run it."
 )
 
 
@@ -74,16 +84,19 @@ def export_run(workdir, out, step: int | None = None, **kwargs) -> dict:
       workdir: the run directory.
       out: the export directory (created; a previous export there is replaced).
       step: checkpoint step; None: the best.
-      **kwargs: passed on to ``export_model`` (``platforms``, ``saved_model``).
+      **kwargs: passed on to ``export_model`` (``formats``, ``platforms``, ``saved_model``).
 
     Returns:
       The metadata written to ``out/export.json``.
 
     Raises:
       CheckpointError: not a run directory, or no such checkpoint.
-      ExportError: ``out`` is a file, or a directory that is not an export.
+      ConfigError: unknown formats or platforms.
+      ExportError: ``out`` is a file, or a directory that is not an export; ONNX requested
+        without its packages.
     """
     check_out(out)
+    check_formats(kwargs.get("formats"), kwargs.get("saved_model", True))
     run = checkpoint.load_run(workdir, step)
     source = {"workdir": str(Path(workdir).absolute()), "step": run.step}
     source["model"] = run.config.model.to_dict()
@@ -116,6 +129,7 @@ def export_model(
     *,
     dtype: str = "float32",
     flip_tta: bool = False,
+    formats: Sequence[str] | None = None,
     platforms: Sequence[str] = PLATFORMS,
     saved_model: bool = True,
     source: dict | None = None,
@@ -135,9 +149,12 @@ def export_model(
       out: the export directory (created; a previous export there is replaced).
       dtype: compute dtype (the run's ``config.dtype``); the output is float32 either way.
       flip_tta: average the logits of each image and its mirror image.
-      platforms: the platforms to lower for (any of ``PLATFORMS``).
-      saved_model: also write the TensorFlow SavedModel.
-      source: where the model came from (e.g. workdir and step), stored in ``export.json``.
+      formats: the artifacts to write, some of ``FORMATS``; None: ``DEFAULT_FORMATS``.
+      platforms: the platforms the StableHLO (and SavedModel) is lowered for (any of
+        ``PLATFORMS``).
+      saved_model: False drops ``saved_model`` from the default formats (``--nosaved_model``).
+      source: where the model came from (e.g. workdir and step, ``model.name``), stored in
+        ``export.json``.
       preprocess: the run's whole preprocessing (resize, channels, normalisation with ``mean``
         and ``std``); None: normalisation only.
 
@@ -145,29 +162,30 @@ def export_model(
       The metadata written to ``out/export.json``.
 
     Raises:
-      ConfigError: shapes, normalisation, class names or platforms that do not fit the model.
-      ExportError: ``out`` is a file, or a directory that is not an export.
+      ConfigError: shapes, normalisation, class names, formats or platforms that do not fit.
+      ExportError: ``out`` is a file, or a directory that is not an export; ONNX requested
+        without its packages, or a model it cannot express (the operator named).
     """
     out = check_out(out)
+    formats = check_formats(formats, saved_model)
     preprocess = preprocess or Preprocess.normalize_only(mean, std)
     shape = _check_inputs(input_shape, mean, std, platforms, preprocess.channels)
     variables = jax.tree.map(np.asarray, flax.core.unfreeze(jax.device_get(variables)))
     forward = make_forward(model, preprocess, dtype, flip_tta)
-    exported = export_stablehlo(forward, variables, shape, platforms)
-    num_classes = exported.out_avals[0].shape[-1]
+    num_classes = _num_classes(forward, variables, shape)
     if num_classes != len(class_names):
         raise ConfigError(f"the model has {num_classes} outputs but {len(class_names)} class names")
+    exported = (
+        export_stablehlo(forward, variables, shape, platforms) if "stablehlo" in formats else None
+    )
     meta = _metadata(shape, class_names, mean, std, dtype, flip_tta, platforms, source, exported)
+    meta["formats"] = list(formats)
+    family = (source or {}).get("model", {}).get("name") or type(model).__name__
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to ``out`` and renamed into place: a failed export leaves the old one whole.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / STABLEHLO_FILE).write_bytes(exported.serialize())
-        if saved_model:
-            meta["tensorflow_version"] = write_saved_model(
-                forward, variables, shape, platforms, tmp / SAVED_MODEL_DIR
-            )
-            meta["artifacts"]["saved_model"] = SAVED_MODEL_DIR
+        _write_artifacts(formats, meta, tmp, forward, variables, shape, platforms, exported, family)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -175,6 +193,41 @@ def export_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def check_formats(
+    formats: Sequence[str] | None = None, saved_model: bool = True
+) -> tuple[str, ...]:
+    """The formats to write, in ``FORMATS`` order, after checking them (and, for ONNX, that its
+    packages are installed).
+
+    Args:
+      formats: some of ``FORMATS``, or a comma-separated string of them; None:
+        ``DEFAULT_FORMATS``.
+      saved_model: False drops ``saved_model`` from the default (``--nosaved_model``).
+
+    Raises:
+      ConfigError: unknown formats, none, or ``saved_model`` both named and refused.
+      ExportError: ``onnx`` without the packages it needs (the install command named).
+    """
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    if formats is None:
+        formats = [f for f in DEFAULT_FORMATS if saved_model or f != "saved_model"]
+    elif not saved_model and "saved_model" in formats:
+        raise ConfigError("--format names saved_model but --nosaved_model refuses it; drop one")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(
+            f"unknown export format {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
+        )
+    if not formats:
+        raise ConfigError(f"no export format given; choose some of {', '.join(FORMATS)}")
+    if "onnx" in formats:
+        from cnnjax.export import onnx_writer
+
+        onnx_writer.check_available()
+    return tuple(f for f in FORMATS if f in formats)
 
 
 def check_out(out) -> Path:
@@ -243,6 +296,35 @@ def export_stablehlo(forward, variables, input_shape, platforms=PLATFORMS):
     return jax.export.export(fn, platforms=tuple(platforms))(spec)
 
 
+def _num_classes(forward, variables, input_shape) -> int:
+    """K of ``forward``'s (N, K) output, from a trace (nothing is compiled)."""
+    images = jax.ShapeDtypeStruct((1, *input_shape), jnp.uint8)
+    return int(jax.eval_shape(forward, variables, images).shape[-1])
+
+
+def _write_artifacts(
+    formats, meta, directory, forward, variables, shape, platforms, exported, family
+):
+    """Writes each of ``formats`` into ``directory``, recording its files and versions in
+    ``meta``."""
+    if "stablehlo" in formats:
+        (directory / STABLEHLO_FILE).write_bytes(exported.serialize())
+        meta["artifacts"]["stablehlo"] = STABLEHLO_FILE
+    if "saved_model" in formats:
+        meta["tensorflow_version"] = write_saved_model(
+            forward, variables, shape, platforms, directory / SAVED_MODEL_DIR
+        )
+        meta["artifacts"]["saved_model"] = SAVED_MODEL_DIR
+    if "onnx" in formats:
+        from cnnjax.export import onnx_writer
+
+        onnx = onnx_writer.write_onnx(forward, variables, shape, directory / ONNX_FILE, family)
+        meta["onnx"] = onnx
+        meta["artifacts"]["onnx"] = ONNX_FILE
+        if len(onnx["files"]) > 1:
+            meta["artifacts"]["onnx_data"] = onnx["files"][1]
+
+
 def write_saved_model(forward, variables, input_shape, platforms, path) -> str:
     """Writes ``forward`` as a SavedModel at ``path`` (weights as ``tf.Variable``s, signature
     ``serving_default``) and returns the TensorFlow version."""
@@ -289,24 +371,31 @@ def _metadata(shape, class_names, mean, std, dtype, flip_tta, platforms, source,
         "platforms": list(platforms),
         "jax_version": jax.__version__,
         "jaxlib_version": _package_version("jaxlib"),
-        "calling_convention_version": exported.calling_convention_version,
+        "calling_convention_version": exported and exported.calling_convention_version,
         "step": None if source is None else source.get("step"),
         "source": source or {},
-        "artifacts": {"stablehlo": STABLEHLO_FILE},
+        "artifacts": {},
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "compatibility": COMPATIBILITY,
     }
 
 
 def describe(out, meta: dict) -> str:
-    """A few lines saying what an export holds (printed by ``python -m cnnjax.export``)."""
+    """A few lines saying what an export holds, file by file (printed by
+    ``python -m cnnjax.export``)."""
     out = Path(out)
     shape = "x".join(map(str, meta["input"]["shape"][1:]))
     step = "" if meta["step"] is None else f" step {meta['step']}"
+    platforms = ", ".join(meta["platforms"])
+    kinds = {
+        "stablehlo": f"StableHLO for JAX, lowered for {platforms}",
+        "saved_model": f"TensorFlow SavedModel, lowered for {platforms}",
+        "onnx": f"ONNX opset {meta.get('onnx', {}).get('opset')}",
+        "onnx_data": "the ONNX model's weights",
+    }
     lines = [
-        f"exported{step}: uint8 (N, {shape}) -> {len(meta['class_names'])} "
-        f"class probabilities, for {', '.join(meta['platforms'])}",
-        *(f"  {out / name}" for name in meta["artifacts"].values()),
+        f"exported{step}: uint8 (N, {shape}) -> {len(meta['class_names'])} class probabilities",
+        *(f"  {out / name}  ({kinds[kind]})" for kind, name in meta["artifacts"].items()),
         f"  {out / METADATA_FILE}",
     ]
     return "\n".join(lines)
@@ -371,10 +460,17 @@ def load(out) -> ExportedModel:
         raise ExportError(f"{out} is not a cnnjax export (no {METADATA_FILE})")
     try:
         meta = json.loads(meta_path.read_text())
-        artifact = out / meta["artifacts"]["stablehlo"]
+        name = meta["artifacts"].get("stablehlo")
         expected = tuple(meta["input"]["shape"][1:])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportError(f"{meta_path} is unreadable ({type(e).__name__}: {e})") from None
+    if name is None:
+        written = ", ".join(meta.get("formats", [])) or "none"
+        raise ExportError(
+            f"{out} has no StableHLO artifact (formats: {written}); export again with "
+            "--format=stablehlo"
+        )
+    artifact = out / name
     if not artifact.is_file():
         raise ExportError(f"{artifact} is missing; export again with python -m cnnjax.export")
     exported = _deserialize(artifact)

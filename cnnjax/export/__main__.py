@@ -1,10 +1,13 @@
 """Export a trained run for serving: ``python -m cnnjax.export --workdir=DIR [--step=N]
---out=OUT [--platforms=cpu,cuda,rocm,tpu] [--nosaved_model]``.
+--out=OUT [--format=stablehlo,saved_model,onnx] [--platforms=cpu,cuda,rocm,tpu]``.
 
-Writes ``OUT/model.stablehlo`` (a ``jax.export`` artifact), ``OUT/saved_model/`` (a TensorFlow
-SavedModel) and ``OUT/export.json``: uint8 images (N, H, W, C) in, class probabilities out,
-computed as ``python -m cnnjax.predict`` computes them. The library behind it is
-``cnnjax.export``.
+``--format`` chooses the artifacts (default ``stablehlo,saved_model``): ``OUT/model.stablehlo``
+(a ``jax.export`` artifact, for JAX), ``OUT/saved_model/`` (a TensorFlow SavedModel, for TF
+Serving and TFLite) and ``OUT/model.onnx`` (ONNX, for onnxruntime, TensorRT, OpenVINO and
+browsers; needs ``bash setup.sh onnx``). ``OUT/export.json`` is always written. Each answers
+uint8 images (N, H, W, C) with class probabilities, computed as ``python -m cnnjax.predict``
+computes them. ``--nosaved_model`` (older scripts) leaves the SavedModel out of the default.
+The library behind it is ``cnnjax.export``.
 """
 
 from absl import flags
@@ -14,18 +17,27 @@ from cnnjax import cli, export
 _WORKDIR = flags.DEFINE_string("workdir", "checkpoints/default", "Run directory to export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best checkpoint).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the export into.", required=True)
-_PLATFORMS = flags.DEFINE_list(
-    "platforms", list(export.PLATFORMS), "Platforms the artifacts are lowered for."
+_FORMAT = flags.DEFINE_list(
+    "format",
+    list(export.DEFAULT_FORMATS),
+    f"Artifacts to write, some of {','.join(export.FORMATS)}.",
 )
-_SAVED_MODEL = flags.DEFINE_bool("saved_model", True, "Also write a TensorFlow SavedModel.")
+_PLATFORMS = flags.DEFINE_list(
+    "platforms", list(export.PLATFORMS), "Platforms the StableHLO and SavedModel are lowered for."
+)
+_SAVED_MODEL = flags.DEFINE_bool(
+    "saved_model", True, "--nosaved_model: the default formats without the SavedModel."
+)
 
 
 def main(argv):
     cli.no_extra_args(argv)
+    formats = _FORMAT.value if flags.FLAGS["format"].present else None
     meta = export.export_run(
         _WORKDIR.value,
         _OUT.value,
         _STEP.value,
+        formats=formats,
         platforms=tuple(_PLATFORMS.value),
         saved_model=_SAVED_MODEL.value,
     )
