@@ -274,6 +274,9 @@ def test_restored_run_with_images_from_its_test_split(tiny_config, tmp_path):
     np.testing.assert_allclose(jax.nn.softmax(logits), probs, atol=1e-5)
     assert np.mean(np.argmax(probs, -1) == np.asarray(labels)) > 0.5  # trained: ~70% on test
     out = tmp_path / "inspection"
-    rows = inspection.write_report(loaded.model, loaded.variables, images[:6], labels[:6], out)
+    rows = inspection.write_report(
+        loaded.model, loaded.variables, images[:6], labels[:6], out, smoothgrad_samples=8
+    )
     assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
-    assert (out / "saliency.png").read_bytes()[:4] == PNG_MAGIC
+    for name in ("saliency", "grad_cam", "smoothgrad"):
+        assert (out / f"{name}.png").read_bytes()[:4] == PNG_MAGIC
