@@ -354,7 +354,7 @@ def integrated_gradients(
     images,
     class_index=None,
     *,
-    steps: int = 32,
+    n_steps: int = 32,
     batch_size: int = 8,
 ) -> jax.Array:
     """Integrated gradients (N, H, W, C) (Sundararajan et al. 2017, arXiv:1703.01365) from a
@@ -367,21 +367,21 @@ def integrated_gradients(
 
     Args:
       class_index: as for ``saliency``; the class of the clean image for every step.
-      steps: m, points on the path.
+      n_steps: m, points on the path.
       batch_size: path points differentiated in one pass (``batch_size * N`` images).
 
     Raises:
-      ConfigError: ``steps`` or ``batch_size`` < 1.
+      ConfigError: ``n_steps`` or ``batch_size`` < 1.
     """
-    _check_counts(steps=steps, batch_size=batch_size)
+    _check_counts(n_steps=n_steps, batch_size=batch_size)
 
     def attributions(variables, images, class_index):
         classes = clean_classes(model, variables, images, class_index)
-        alphas = (jnp.arange(steps, dtype=images.dtype) + 0.5) / steps
+        alphas = (jnp.arange(n_steps, dtype=images.dtype) + 0.5) / n_steps
         grads = jax.lax.map(
             lambda a: input_gradients(model, variables, a * images, classes),
             alphas,
-            batch_size=min(batch_size, steps),
+            batch_size=min(batch_size, n_steps),
         )
         return images * jnp.mean(grads, axis=0)
 

@@ -191,7 +191,7 @@ def evaluate(model, variables, images, labels, boxes, *, samples, noises, ig_ste
         )
         for noise in noises
     }
-    ig = inspection.integrated_gradients(model, variables, images, steps=ig_steps)
+    ig = inspection.integrated_gradients(model, variables, images, n_steps=ig_steps)
     return {
         "accuracy": accuracy,
         "layer": layer,

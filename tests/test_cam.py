@@ -197,7 +197,8 @@ def test_integrated_gradients_complete_exactly_on_a_quadratic_path():
     # The midpoint rule integrates the linear d logit(alpha x) / d alpha exactly, whatever
     # the number of steps: what is left is float32 rounding.
     attr = np.asarray(
-        inspection.integrated_gradients(model, variables, images, steps=5, batch_size=2), np.float64
+        inspection.integrated_gradients(model, variables, images, n_steps=5, batch_size=2),
+        np.float64,
     )
     assert attr.shape == images.shape
     out = inspection.logits(model, variables, images)
