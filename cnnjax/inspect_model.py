@@ -1,10 +1,12 @@
 """Look inside a model: ``python -m cnnjax.inspect_model --workdir=DIR [--num-images=8]
-[--images=a.png,b.png] [--layer=PATH] [--out=DIR]``, or a fresh model with ``--model=NAME
---input-shape=H,W,C``.
+[--images=a.png,b.png] [--layer=PATH] [--cam_layer=PATH] [--class-index=K]
+[--smoothgrad_samples=50] [--smoothgrad_noise=0.1] [--out=DIR]``, or a fresh model with
+``--model=NAME --input-shape=H,W,C``.
 
-Writes gradients.csv, gradients.png, saliency.png, feature_maps.png, filters.png and
-kernel_gradients.png into ``--out`` (default ``WORKDIR/inspection``) and prints the gradient
-table. The library behind it is ``cnnjax.inspection``.
+Writes gradients.csv, gradients.png, saliency.png, grad_cam.png, smoothgrad.png,
+feature_maps.png, filters.png and kernel_gradients.png into ``--out`` (default
+``WORKDIR/inspection``) and prints the gradient table. The library behind it is
+``cnnjax.inspection``.
 """
 
 from absl import flags
@@ -24,13 +26,35 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Images taken from the split
 _LAYER = flags.DEFINE_string(
     "layer", None, "Layer path for feature maps and kernel gradients (default: the first conv)."
 )
-_CLASS_INDEX = flags.DEFINE_integer("class_index", None, "Saliency class (default: predicted).")
+_CAM_LAYER = flags.DEFINE_string(
+    "cam_layer", None, "Grad-CAM layer path, a 4-D output (default: the last conv block)."
+)
+_CLASS_INDEX = flags.DEFINE_integer(
+    "class_index", None, "Class of the saliency, Grad-CAM and SmoothGrad maps (default: predicted)."
+)
+_SMOOTHGRAD_SAMPLES = flags.DEFINE_integer(
+    "smoothgrad_samples", 50, "SmoothGrad: noisy copies averaged per image."
+)
+_SMOOTHGRAD_NOISE = flags.DEFINE_float(
+    "smoothgrad_noise", 0.1, "SmoothGrad: noise std as a fraction of each image's value range."
+)
 _TRAIN_MODE = flags.DEFINE_bool(
     "train_mode", False, "Gradients with batch statistics (as in training) instead of eval mode."
 )
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/inspection).")
-_SEED = flags.DEFINE_integer("seed", 0, "Fresh model: init seed (and of random images).")
-for _name in ("input_shape", "num_classes", "num_images", "class_index", "train_mode"):
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of a fresh model's init, of random images and of SmoothGrad's noise."
+)
+for _name in (
+    "input_shape",
+    "num_classes",
+    "num_images",
+    "class_index",
+    "train_mode",
+    "cam_layer",
+    "smoothgrad_samples",
+    "smoothgrad_noise",
+):
     flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
 
@@ -50,6 +74,9 @@ def main(argv):
         class_index=_CLASS_INDEX.value,
         train=_TRAIN_MODE.value,
         out_dir=_OUT.value,
+        cam_layer=_CAM_LAYER.value,
+        smoothgrad_samples=_SMOOTHGRAD_SAMPLES.value,
+        smoothgrad_noise=_SMOOTHGRAD_NOISE.value,
     )
 
 

@@ -9,6 +9,10 @@ are ordinary ``jax.grad`` calls, written out in each function:
 - ``activation_gradients``: d loss / d (output of each top-level block), by adding a zero "probe"
   to each block's output and differentiating with respect to the probes;
 - ``saliency``: max over channels of |d logit_c / d input|;
+- ``smoothgrad``: the same map of the mean gradient over noisy copies of each image;
+- ``integrated_gradients``: input times the mean gradient along the path from a zero baseline;
+- ``grad_cam``: a layer's channels weighted by the spatial mean of d logit_c / d (its output),
+  the gradient taken with respect to a zero probe added to that output;
 - ``feature_maps``: a layer's output, captured with ``capture_intermediates``.
 
 Layers are named by their module path joined with '/', e.g. ``stage1_block1/conv_bn1/conv``
@@ -18,6 +22,7 @@ Command line: ``python -m cnnjax.inspect_model --help``.
 """
 
 import csv
+import difflib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -137,10 +142,17 @@ def block_outputs(model: nn.Module, variables, images) -> dict[str, jax.ShapeDty
     return {p: s for p, s in outputs.items() if "/" not in p}
 
 
-def add_probes(probes: dict):
-    """A method interceptor adding ``probes[name]`` to the output of the top-level submodule
+def add_probes(probes: dict, outputs: dict | None = None):
+    """A method interceptor adding ``probes[name]`` to the output of the submodule at path
     ``name`` (its first call). A zero probe leaves the forward pass unchanged, and
-    d loss / d probe equals d loss / d (the block's output)."""
+    d f / d probe equals d f / d (the module's output) for any f of the forward pass.
+
+    Args:
+      probes: module path -> array of that module's output shape.
+      outputs: a dict that receives each probed module's output (before the probe): one forward
+        pass then gives both an activation and, through ``jax.grad`` with respect to its probe,
+        its gradient.
+    """
     done = set()
 
     def interceptor(next_fun, args, kwargs, context):
@@ -148,6 +160,8 @@ def add_probes(probes: dict):
         name = "/".join(context.module.path)
         if context.method_name == "__call__" and name in probes and name not in done:
             done.add(name)
+            if outputs is not None:
+                outputs[name] = out
             out = out + probes[name]
         return out
 
@@ -234,6 +248,40 @@ def logits(model: nn.Module, variables, images) -> jax.Array:
     return jax.jit(partial(model.apply, train=False))(variables, images)
 
 
+def chosen_classes(logits, class_index=None) -> jax.Array:
+    """(N,) int32 classes: ``class_index`` (an int or an (N,) array) broadcast, or when None
+    each image's predicted class, the argmax of its ``logits`` (N, K)."""
+    if class_index is None:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    return jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), logits.shape[:1])
+
+
+def input_gradients(model: nn.Module, variables, images, classes) -> jax.Array:
+    """d logit_c / d input (N, H, W, C) for each image's class ``classes`` (N,), eval mode.
+
+    Traced, not jitted: the building block of the maps below, each of which jits its own whole
+    computation. In eval mode an image's logits depend on that image only, so the gradient of
+    the sum over the batch holds every image's own gradient.
+    """
+
+    def class_scores(x):
+        out = model.apply(variables, x, train=False)
+        return jnp.sum(out[jnp.arange(len(classes)), classes])
+
+    return jax.grad(class_scores)(images)
+
+
+def clean_classes(model: nn.Module, variables, images, class_index=None) -> jax.Array:
+    """(N,) ``chosen_classes`` of the clean ``images`` (traced: under ``jit`` the forward pass
+    is dropped when ``class_index`` is given)."""
+    return chosen_classes(model.apply(variables, images, train=False), class_index)
+
+
+def channel_max_abs(grads) -> jax.Array:
+    """(N, H, W, C) gradients -> (N, H, W) maps: the max over channels of their magnitude."""
+    return jnp.max(jnp.abs(grads), axis=-1)
+
+
 def saliency(model: nn.Module, variables, images, class_index=None) -> jax.Array:
     """Saliency maps (N, H, W): max over channels of |d logit_c / d input|.
 
@@ -243,21 +291,192 @@ def saliency(model: nn.Module, variables, images, class_index=None) -> jax.Array
     """
 
     def saliency_maps(variables, images, class_index):
-        n = images.shape[0]
-        if class_index is None:
-            classes = jnp.argmax(model.apply(variables, images, train=False), -1)
-        else:
-            classes = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), (n,))
-
-        def class_scores(x):
-            # In eval mode an image's logits depend on that image only, so the gradient of the
-            # sum over the batch holds every image's own gradient.
-            out = model.apply(variables, x, train=False)
-            return jnp.sum(out[jnp.arange(n), classes])
-
-        return jnp.max(jnp.abs(jax.grad(class_scores)(images)), axis=-1)
+        classes = clean_classes(model, variables, images, class_index)
+        return channel_max_abs(input_gradients(model, variables, images, classes))
 
     return jax.jit(saliency_maps)(variables, images, class_index)
+
+
+def smoothgrad(
+    model: nn.Module,
+    variables,
+    images,
+    class_index=None,
+    *,
+    key: jax.Array,
+    samples: int = 50,
+    noise: float = 0.1,
+    batch_size: int = 8,
+) -> jax.Array:
+    """SmoothGrad maps (N, H, W) (Smilkov et al. 2017, arXiv:1706.03825): the gradient
+    d logit_c / d input averaged over ``samples`` noisy copies of each image, then reduced like
+    ``saliency`` (max over channels of the magnitude).
+
+    The noise is N(0, sigma^2) per pixel with sigma = ``noise`` * (max - min) of that image (the
+    paper's "noise level", 10-20% recommended). The class is the clean image's (``class_index``
+    or its prediction), the same for every copy.
+
+    Args:
+      key: the noise's PRNG key (``jax.random.key``).
+      samples: noisy copies per image (the paper: about 50).
+      noise: sigma as a fraction of each image's value range; 0 gives ``saliency``. 0.1, the
+        low end of the paper's range, put the most mass on the object in
+        ``experiments/cam_localisation.py``'s sweep (0.05-0.2).
+      batch_size: copies differentiated in one pass (each pass is a batch of
+        ``batch_size * N`` images, vmapped); lower it when memory is short.
+
+    Raises:
+      ConfigError: ``samples`` or ``batch_size`` < 1, or ``noise`` negative or not finite.
+    """
+    _check_counts(samples=samples, batch_size=batch_size)
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ConfigError(f"SmoothGrad noise must be a finite fraction >= 0, got {noise}")
+
+    def maps(variables, images, class_index, key):
+        classes = clean_classes(model, variables, images, class_index)
+        axes = tuple(range(1, images.ndim))
+        span = jnp.max(images, axes, keepdims=True) - jnp.min(images, axes, keepdims=True)
+
+        def gradient_of_copy(k):
+            x = images + noise * span * jax.random.normal(k, images.shape, images.dtype)
+            return input_gradients(model, variables, x, classes)
+
+        keys = jax.random.split(key, samples)
+        grads = jax.lax.map(gradient_of_copy, keys, batch_size=min(batch_size, samples))
+        return channel_max_abs(jnp.mean(grads, axis=0))
+
+    return jax.jit(maps)(variables, images, class_index, key)
+
+
+def integrated_gradients(
+    model: nn.Module,
+    variables,
+    images,
+    class_index=None,
+    *,
+    n_steps: int = 32,
+    batch_size: int = 8,
+) -> jax.Array:
+    """Integrated gradients (N, H, W, C) (Sundararajan et al. 2017, arXiv:1703.01365) from a
+    baseline of zeros (in normalised coordinates: the dataset's mean colour).
+
+    attribution = x * (1/m) sum_j d logit_c / d input at (alpha_j x), alpha_j = (j + 1/2) / m:
+    the midpoint rule for the path integral. Completeness: the attributions of an image sum to
+    logit_c(x) - logit_c(0), up to the rule's error (exact when the logit is quadratic along
+    the path; O(1/m) for a ReLU net, whose gradient jumps where a unit switches).
+
+    Args:
+      class_index: as for ``saliency``; the class of the clean image for every step.
+      n_steps: m, points on the path.
+      batch_size: path points differentiated in one pass (``batch_size * N`` images).
+
+    Raises:
+      ConfigError: ``n_steps`` or ``batch_size`` < 1.
+    """
+    _check_counts(n_steps=n_steps, batch_size=batch_size)
+
+    def attributions(variables, images, class_index):
+        classes = clean_classes(model, variables, images, class_index)
+        alphas = (jnp.arange(n_steps, dtype=images.dtype) + 0.5) / n_steps
+        grads = jax.lax.map(
+            lambda a: input_gradients(model, variables, a * images, classes),
+            alphas,
+            batch_size=min(batch_size, n_steps),
+        )
+        return images * jnp.mean(grads, axis=0)
+
+    return jax.jit(attributions)(variables, images, class_index)
+
+
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def spatial_layers(model: nn.Module, variables, images) -> dict[str, jax.ShapeDtypeStruct]:
+    """The module outputs that are 4-D (N, h, w, C), keyed by path, in call order (a module
+    after its submodules): the layers Grad-CAM can use."""
+    outputs = module_outputs(model, variables, images)
+    return {p: s for p, s in outputs.items() if len(s.shape) == 4}
+
+
+def grad_cam_layer(model: nn.Module, variables, images, layer: str | None = None) -> str:
+    """The Grad-CAM layer: ``layer`` checked, or by default the last module with parameters
+    whose output is 4-D: the last conv block (its ReLU included), or a norm layer after it;
+    never a pooling or dropout layer, which have no parameters.
+
+    Args:
+      images: (N, H, W, C) array or ``jax.ShapeDtypeStruct`` (sets the traced shapes only).
+
+    Raises:
+      ConfigError: no such layer (one line naming the closest layers), or the model has no
+        4-D output.
+    """
+    return _pick_layer(spatial_layers(model, variables, images), variables["params"], layer)
+
+
+def _pick_layer(layers: Sequence[str], params, layer: str | None) -> str:
+    """``grad_cam_layer`` among ``layers`` (the 4-D outputs, in call order)."""
+    layers = list(layers)
+    if not layers:
+        raise ConfigError(
+            "Grad-CAM needs a layer with a 4-D (N, h, w, C) output; the model has none"
+        )
+    if layer is None:
+        paths = traverse_util.flatten_dict(params, sep="/")
+        owners = [p for p in layers if any(k.startswith(p + "/") for k in paths)]
+        return (owners or layers)[-1]
+    if layer not in layers:
+        close = difflib.get_close_matches(layer, layers, n=5, cutoff=0.5) or layers[-5:]
+        raise ConfigError(
+            f"unknown Grad-CAM layer {layer!r} (a module path with a 4-D output); closest: "
+            f"{', '.join(close)} (the model has {len(layers)} such layers: "
+            "cnnjax.inspection.spatial_layers lists them)"
+        )
+    return layer
+
+
+def grad_cam(
+    model: nn.Module, variables, images, layer: str | None = None, class_index=None
+) -> jax.Array:
+    """Grad-CAM maps (N, H, W) in [0, 1] (Selvaraju et al. 2017, arXiv:1610.02391).
+
+    With A (N, h, w, K) the output of ``layer``: w_k = the spatial mean of d logit_c / d A_k,
+    map = ReLU(sum_k w_k A_k), resized to the input's H x W (bilinear,
+    ``jax.image.resize``) and divided by its maximum per image (an image with no positive
+    evidence for its class gets zeros). The gradient is taken with respect to a zero probe
+    added to A (``add_probes``), which also hands back A from the same forward pass.
+
+    Args:
+      layer: a module path with a 4-D output (``spatial_layers``); default ``grad_cam_layer``'s:
+        the last conv block's output.
+      class_index: as for ``saliency``; None: each image's predicted class.
+
+    Raises:
+      ConfigError: an unknown layer (``grad_cam_layer``).
+    """
+    layers = spatial_layers(model, variables, images)
+    layer = _pick_layer(layers, variables["params"], layer)
+    zeros = jnp.zeros(layers[layer].shape, layers[layer].dtype)
+
+    def maps(variables, images, class_index, zeros):
+        def class_scores(probe):
+            activations = {}
+            with nn.intercept_methods(add_probes({layer: probe}, activations)):
+                out = model.apply(variables, images, train=False)
+            classes = chosen_classes(out, class_index)  # the probe is 0: the clean prediction
+            return jnp.sum(out[jnp.arange(len(out)), classes]), activations[layer]
+
+        grads, acts = jax.grad(class_scores, has_aux=True)(zeros)
+        weights = jnp.mean(grads.astype(jnp.float32), axis=(1, 2))  # (N, K)
+        cam = nn.relu(jnp.einsum("nhwk,nk->nhw", acts.astype(jnp.float32), weights))
+        cam = jax.image.resize(cam, (*images.shape[:3],), "bilinear")
+        peak = jnp.max(cam, axis=(1, 2), keepdims=True)
+        # XLA may divide by multiplying with a reciprocal, 1 ulp off: clipped back into range.
+        return jnp.clip(cam / jnp.where(peak > 0, peak, 1), 0.0, 1.0)
+
+    return jax.jit(maps)(variables, images, class_index, zeros)
 
 
 def feature_maps(model: nn.Module, variables, images, layer: str) -> jax.Array:
@@ -488,13 +707,25 @@ def write_report(
     class_index=None,
     class_names: Sequence[str] | None = None,
     train: bool = False,
+    cam_layer: str | None = None,
+    smoothgrad_samples: int = 50,
+    smoothgrad_noise: float = 0.1,
+    seed: int = 0,
 ) -> list[dict]:
-    """Writes gradients.csv, gradients.png, saliency.png, feature_maps.png, filters.png and
-    kernel_gradients.png into ``out_dir``; returns the gradient table rows.
+    """Writes gradients.csv, gradients.png, saliency.png, grad_cam.png, smoothgrad.png,
+    feature_maps.png, filters.png and kernel_gradients.png into ``out_dir``; returns the
+    gradient table rows.
 
     ``labels`` None: each image's predicted class stands in. ``layer`` (feature maps and
-    kernel gradients) defaults to the first convolution.
+    kernel gradients) defaults to the first convolution, ``cam_layer`` (Grad-CAM) to the last
+    conv block (``grad_cam_layer``). ``class_index`` (None: the predicted class) is the class
+    of the saliency, Grad-CAM and SmoothGrad maps; ``seed`` draws SmoothGrad's noise.
+
+    Raises:
+      ConfigError: an unknown ``cam_layer`` (before anything is computed), or an ``out_dir``
+        that cannot be created.
     """
+    cam_layer = grad_cam_layer(model, variables, images, cam_layer)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -508,20 +739,23 @@ def write_report(
     plots.plot_gradient_bars(rows, out / "gradients.png", f"gradient norms ({len(images)} images)")
     layer = layer or first_conv(kgrads)
 
-    sal = saliency(model, variables, images, class_index)
     name = (lambda c: class_names[c]) if class_names else str
     titles = [
         name(p) if p == t else f"{name(p)} (true {name(t)})"
         for p, t in zip(predicted, np.asarray(labels), strict=True)
     ]
-    n = len(images)
-    plots.save_grid(
-        displayable(images) + list(np.asarray(sal)),
-        out / "saliency.png",
-        "inputs with predicted class (top), saliency max_c |d logit / d input| (bottom)",
-        ncols=n,
-        labels=titles + [""] * n,
-        cmap=["gray"] * n + ["inferno"] * n,
+    write_class_maps(
+        model,
+        variables,
+        images,
+        out,
+        titles=titles,
+        class_index=class_index,
+        which=_which_class(class_index, name),
+        cam_layer=cam_layer,
+        smoothgrad_samples=smoothgrad_samples,
+        smoothgrad_noise=smoothgrad_noise,
+        seed=seed,
     )
     fm = np.asarray(feature_maps(model, variables, images, layer))
     channels = np.moveaxis(fm[0], -1, 0) if fm.ndim == 4 else [fm.reshape(len(fm), -1)]
@@ -542,6 +776,69 @@ def write_report(
     return rows
 
 
+def write_class_maps(
+    model: nn.Module,
+    variables,
+    images,
+    out: Path,
+    *,
+    titles: Sequence[str],
+    class_index=None,
+    which: str = "the predicted class",
+    cam_layer: str,
+    smoothgrad_samples: int,
+    smoothgrad_noise: float,
+    seed: int,
+) -> None:
+    """saliency.png (inputs above their maps), grad_cam.png and smoothgrad.png (maps
+    alpha-blended over the inputs) of ``class_index``, described in the titles as ``which``;
+    one panel per image, titled ``titles``."""
+    n = len(images)
+    panels = displayable(images)
+    sal = saliency(model, variables, images, class_index)
+    plots.save_grid(
+        panels + list(np.asarray(sal)),
+        out / "saliency.png",
+        f"inputs with predicted class (top), saliency max_c |d logit / d input| of {which} "
+        "(bottom)",
+        ncols=n,
+        labels=list(titles) + [""] * n,
+        cmap=["gray"] * n + ["inferno"] * n,
+    )
+    cam = grad_cam(model, variables, images, cam_layer, class_index)
+    plots.save_overlays(
+        panels,
+        np.asarray(cam),
+        out / "grad_cam.png",
+        f"Grad-CAM of {cam_layer}, {which}",
+        labels=titles,
+    )
+    smooth = smoothgrad(
+        model,
+        variables,
+        images,
+        class_index,
+        key=jax.random.key(seed),
+        samples=smoothgrad_samples,
+        noise=smoothgrad_noise,
+    )
+    plots.save_overlays(
+        panels,
+        np.asarray(smooth),
+        out / "smoothgrad.png",
+        f"SmoothGrad of {which} ({smoothgrad_samples} copies, noise {smoothgrad_noise:g} of "
+        "each image's range)",
+        labels=titles,
+    )
+
+
+def _which_class(class_index, name) -> str:
+    """Words for the class of the maps: ``class_index`` None, an int or an (N,) array."""
+    if class_index is None:
+        return "the predicted class"
+    return f"class {name(int(class_index))}" if np.ndim(class_index) == 0 else "the given classes"
+
+
 def report(
     workdir=None,
     model_name: str | None = None,
@@ -557,21 +854,34 @@ def report(
     class_index=None,
     train: bool = False,
     out_dir=None,
+    cam_layer: str | None = None,
+    smoothgrad_samples: int = 50,
+    smoothgrad_noise: float = 0.1,
 ) -> Path:
     """``python -m cnnjax.inspect_model``: loads a run (or a fresh model), writes
     ``write_report``'s files into ``out_dir`` (default ``WORKDIR/inspection``, or
     ``checkpoints/inspection_<model>``) and prints the gradient table. Returns ``out_dir``.
 
     Raises:
-      ConfigError: ``num_images`` < 1, a ``class_index`` outside the model's classes, or an
-        ``out_dir`` that cannot be created (and ``load_model``'s and ``load_inputs``' errors).
+      ConfigError: ``num_images`` or ``smoothgrad_samples`` < 1, a negative
+        ``smoothgrad_noise``, a ``class_index`` outside the model's classes, an unknown
+        ``cam_layer``, or an ``out_dir`` that cannot be created (and ``load_model``'s and
+        ``load_inputs``' errors).
     """
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}")
+    if smoothgrad_samples < 1:
+        raise ConfigError(f"--smoothgrad_samples must be at least 1, got {smoothgrad_samples}")
+    if not (np.isfinite(smoothgrad_noise) and smoothgrad_noise >= 0):
+        raise ConfigError(
+            f"--smoothgrad_noise must be a finite number >= 0, got {smoothgrad_noise}"
+        )
     loaded = load_model(workdir, model_name, num_classes, input_shape, step=step, seed=seed)
     classes = loaded.model.num_classes
     if class_index is not None and not 0 <= class_index < classes:
         raise ConfigError(f"--class-index={class_index} must be in [0, {classes - 1}]")
+    shape = jax.ShapeDtypeStruct((1, *loaded.image_shape), jnp.float32)
+    grad_cam_layer(loaded.model, loaded.variables, shape, cam_layer)  # a bad name: fail now
     images, labels = load_inputs(loaded, image_files, num_images, split=split, seed=seed)
     if out_dir is None:
         out_dir = (
@@ -589,7 +899,11 @@ def report(
         class_index=class_index,
         class_names=loaded.info.class_names if loaded.info else None,
         train=train,
+        cam_layer=cam_layer,
+        smoothgrad_samples=smoothgrad_samples,
+        smoothgrad_noise=smoothgrad_noise,
+        seed=seed,
     )
     print(format_table(rows))
-    print(f"wrote gradients.csv and 5 PNGs to {out_dir}")
+    print(f"wrote gradients.csv and 7 PNGs to {out_dir}")
     return Path(out_dir)

@@ -1,5 +1,5 @@
 """Pictures: training curves (``curves.png``), the confusion matrix, and the inspection PNGs
-(gradient bars, image and kernel grids).
+(gradient bars, image and kernel grids, heatmaps over images).
 
 Figures are drawn with matplotlib's object API on an Agg canvas: no window, no pyplot global
 state (safe to call every epoch from the trainer, or from a notebook without changing its
@@ -214,6 +214,47 @@ def save_grid(
             ax.imshow(p, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         else:
             ax.imshow(p, cmap=cmap if isinstance(cmap, str) else cmap[i])
+        if labels is not None:
+            ax.set_title(labels[i], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_atomic(fig, path, dpi=110)
+
+
+def save_overlays(
+    images,
+    heatmaps,
+    path,
+    title: str,
+    *,
+    labels: Sequence[str] | None = None,
+    ncols: int | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> None:
+    """A PNG grid with one panel per image: its heatmap alpha-blended over it.
+
+    Args:
+      images: panels (H, W) grey or (H, W, 3) RGB, each scaled to its own range.
+      heatmaps: non-negative maps (H, W), one per image, each drawn over 0..its maximum
+        (Grad-CAM maps are already in [0, 1]; gradient magnitudes have any scale).
+      labels: a small title per panel (e.g. predicted and true class).
+      ncols: panels per row (default: all in one row, at most 8).
+      alpha: opacity of the heatmap.
+    """
+    pairs = list(zip(images, heatmaps, strict=True))[:MAX_PANELS]
+    ncols = min(ncols or 8, len(pairs))
+    nrows = math.ceil(len(pairs) / ncols)
+    fig = figure(1.6 * ncols, 1.6 * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(pairs):
+            continue
+        image, heat = (np.asarray(a, np.float32) for a in pairs[i])
+        lo, hi = float(image.min()), float(image.max())
+        image = (image - lo) / max(hi - lo, 1e-12)
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+        ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=float(heat.max()) or 1.0)
         if labels is not None:
             ax.set_title(labels[i], fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -1,5 +1,6 @@
 """Inspection tools: gradients against independent computations, saliency against finite
-differences, captured feature maps, the table and files, image loading, the CLI, a real run."""
+differences, captured feature maps, the table and files, image loading, the CLI, a real run.
+Grad-CAM, SmoothGrad and integrated gradients are tested in test_cam.py."""
 
 import csv
 import os
@@ -194,12 +195,15 @@ def test_report_writes_csv_and_pngs(tmp_path):
     model = Smooth()
     images = jax.random.normal(jax.random.key(2), (3, 6, 6, 2))
     variables = model.init(jax.random.key(3), images)
-    rows = inspection.write_report(model, variables, images, None, tmp_path, layer="Conv_0")
+    rows = inspection.write_report(
+        model, variables, images, None, tmp_path, layer="Conv_0", smoothgrad_samples=4
+    )
     with (tmp_path / "gradients.csv").open() as f:
         read = list(csv.DictReader(f))
     assert [r["layer"] for r in read] == [r["layer"] for r in rows]
     assert set(read[0]) == {"layer", "kind", "shape", "grad_norm", "mean_abs", "max_abs"}
-    for name in ("gradients", "saliency", "feature_maps", "filters", "kernel_gradients"):
+    names = ("gradients", "saliency", "grad_cam", "smoothgrad", "feature_maps", "filters")
+    for name in (*names, "kernel_gradients"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == PNG_MAGIC
 
 
@@ -235,6 +239,7 @@ def test_cli_on_a_fresh_model_with_image_files(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cnnjax.inspect_model", "--model=simple_cnn"]
     cmd += ["--input-shape=28,28,1", f"--images={','.join(write_pngs(tmp_path))}", f"--out={out}"]
+    cmd += ["--cam_layer=conv1", "--smoothgrad_samples=4", "--smoothgrad_noise=0.2"]
     # -O0: the fresh model's initialiser compiles in seconds instead of tens of seconds.
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     env = {**os.environ, "XLA_FLAGS": flags}
@@ -244,10 +249,12 @@ def test_cli_on_a_fresh_model_with_image_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "feature_maps.png",
         "filters.png",
+        "grad_cam.png",
         "gradients.csv",
         "gradients.png",
         "kernel_gradients.png",
         "saliency.png",
+        "smoothgrad.png",
     ]
 
 
@@ -267,6 +274,9 @@ def test_restored_run_with_images_from_its_test_split(tiny_config, tmp_path):
     np.testing.assert_allclose(jax.nn.softmax(logits), probs, atol=1e-5)
     assert np.mean(np.argmax(probs, -1) == np.asarray(labels)) > 0.5  # trained: ~70% on test
     out = tmp_path / "inspection"
-    rows = inspection.write_report(loaded.model, loaded.variables, images[:6], labels[:6], out)
+    rows = inspection.write_report(
+        loaded.model, loaded.variables, images[:6], labels[:6], out, smoothgrad_samples=8
+    )
     assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
-    assert (out / "saliency.png").read_bytes()[:4] == PNG_MAGIC
+    for name in ("saliency", "grad_cam", "smoothgrad"):
+        assert (out / f"{name}.png").read_bytes()[:4] == PNG_MAGIC
