@@ -12,8 +12,9 @@ costs. XLA gets the trainer's flags (``cnnjax.cli.configure_xla``).
     python experiments/remat_memory.py                       # ResNet-50, 224 px, batch 32 and 64
     python experiments/remat_memory.py --model resnet18 --batch-sizes 16 --time-batch 4
 
-Prints one table: per setting, temp and total MiB at each batch size with their ratio to
-``none``, and the step time at ``--time-batch`` with its ratio to ``none``.
+Prints one table: per setting, temp and total MiB at each batch size, XLA's FLOP count of the
+step at the first batch size (what the recomputation adds, without timing noise), and the step
+time at ``--time-batch``, each with its ratio to ``none``.
 """
 
 import argparse
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64], help="compiled only")
     p.add_argument("--time-batch", type=int, default=8, help="batch of the timed steps; 0: none")
-    p.add_argument("--rounds", type=int, default=5, help="timed steps per setting")
+    p.add_argument("--rounds", type=int, default=7, help="timed steps per setting")
     # blocks:nothing_saveable is blocks under another name.
     settings = [r for r in REMAT_CHOICES if r != "blocks:nothing_saveable"]
     p.add_argument("--remat", nargs="+", default=settings, choices=REMAT_CHOICES)
@@ -62,20 +63,23 @@ def compiled_step(model, batch_size: int, image_size: int, num_classes: int):
     return jitted, compiled, tx, batch
 
 
-def memory(compiled) -> tuple[int, int]:
-    """``(temp, total)`` bytes of a compiled step: its scratch, and its whole footprint."""
+def memory_and_flops(compiled) -> tuple[int, int, float]:
+    """``(temp, total, flops)`` of a compiled step: its scratch bytes, its whole footprint in
+    bytes, and XLA's count of its floating-point operations (the recomputation included)."""
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return m.temp_size_in_bytes, total + m.temp_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return m.temp_size_in_bytes, total + m.temp_size_in_bytes, float(cost["flops"])
 
 
 def memory_row(args, remat: str) -> dict:
-    """``{"remat": remat, batch size: (temp, total) bytes, ...}`` of one setting."""
+    """``{"remat": remat, batch size: (temp, total, flops), ...}`` of one setting."""
     model = models.get(args.model, args.num_classes, remat=remat)
     row = {"remat": remat}
     for b in args.batch_sizes:
         _, compiled, _, _ = compiled_step(model, b, args.image_size, args.num_classes)
-        row[b] = memory(compiled)
+        row[b] = memory_and_flops(compiled)
     return row
 
 
@@ -119,6 +123,8 @@ def table(args, rows) -> str:
     head = ["remat".ljust(40)]
     for b in args.batch_sizes:
         head += [f"temp MiB @{b}".rjust(20), f"total MiB @{b}".rjust(20)]
+    first = args.batch_sizes[0]
+    head.append(f"GFLOP @{first}".rjust(16))
     if args.time_batch:
         head.append(f"step s @{args.time_batch}".rjust(16))
     lines = [" ".join(head)]
@@ -127,6 +133,8 @@ def table(args, rows) -> str:
         for b in args.batch_sizes:
             for i in (0, 1):
                 cells.append(f"{row[b][i] / MIB:9.0f} ({row[b][i] / base[b][i]:4.2f}x)".rjust(20))
+        flops = row[first][2]
+        cells.append(f"{flops / 1e9:6.0f} ({flops / base[first][2]:4.2f}x)".rjust(16))
         if args.time_batch:
             cells.append(f"{row['time']:7.3f} ({row['time'] / base['time']:4.2f}x)".rjust(16))
         lines.append(" ".join(cells))
