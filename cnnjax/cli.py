@@ -78,6 +78,11 @@ CPU_FLAGS: dict[str, str] = {
     # (every backward one) to Eigen; a forward convolution fused with its bias add stays in a YNN
     # fusion, and taking "eltwise" out as well to avoid that was no faster.
     "xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce",
+    # XLA:CPU drops optimization barriers before its last CSE, which then merges the backward
+    # pass's recomputation into the forward pass: jax.checkpoint (config.remat) would save no
+    # memory. Keeping them changes nothing in a program without any (a step without remat
+    # compiles to the same HLO); see experiments/README.md, "Rematerialisation".
+    "xla_disable_hlo_passes": "cse_barrier_expander",
 }
 # GPU and TPU entries stay empty until a measurement on that platform shows a flag to be faster:
 # no flag is chosen blindly. experiments/gpu_check.sh times the candidates against none

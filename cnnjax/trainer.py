@@ -87,7 +87,7 @@ def wall_seconds() -> float:
 def validate_names(config) -> None:
     """Fails at once, before any data is read, on an unknown model, model attribute,
     optimizer, schedule or augmentation."""
-    models.check_config(config.model)
+    models.check_config(config.model, config.get("remat", "none"))
     optim.OPTIMIZERS.check(config.optimizer)
     optim.SCHEDULES.check(config.schedule)
     augment_lib.parse(config.augment)
@@ -184,7 +184,7 @@ def load_data(config, mesh) -> Data:
 
 def build_model(config, num_classes: int):
     """The configured model (``config.model``), computing in ``config.dtype``."""
-    return models.from_config(config.model, num_classes, config.dtype)
+    return models.from_config(config.model, num_classes, config.dtype, config.get("remat", "none"))
 
 
 def compile_steps(config, data: Data, mesh, per_dispatch: int = 1):

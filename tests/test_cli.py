@@ -126,7 +126,7 @@ def test_merge_appends_missing_flags():
 def test_merge_keeps_the_users_entry():
     user = "--xla_cpu_experimental_ynn_fusion_type=dot --other"
     merged = cli.merge_flags(user, cli.CPU_FLAGS)
-    assert merged == user
+    assert merged == f"{user} --xla_disable_hlo_passes=cse_barrier_expander"
     assert cli.parse_xla_flags(merged)["xla_cpu_experimental_ynn_fusion_type"] == "dot"
 
 
@@ -142,7 +142,10 @@ def test_configure_xla_sets_env_only_for_the_platform(monkeypatch):
     extra = {"cpu": {**cli.CPU_FLAGS, "xla_cpu_enable_fast_math": "false"}}
     merged = cli.configure_xla(extra)
     assert os.environ["XLA_FLAGS"] == merged
-    assert merged == "--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_enable_fast_math=false"
+    assert merged == (
+        "--xla_cpu_experimental_ynn_fusion_type=dot "
+        "--xla_disable_hlo_passes=cse_barrier_expander --xla_cpu_enable_fast_math=false"
+    )
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     monkeypatch.setenv("XLA_FLAGS", "")
     assert cli.configure_xla() is None

@@ -21,6 +21,15 @@ def get_config() -> ConfigDict:
     # CPU convolutions: auto | xla | onednn (cnnjax/kernels; auto defers to $CNNJAX_CONV, else
     # picks the one measured faster). config.json records what ran: xla or onednn.
     c.conv_backend = "auto"
+    # Rematerialisation: recompute activations in the backward pass instead of keeping them,
+    # trading step time for memory (larger batches or models); parameters, checkpoints and
+    # gradients are unchanged. none | blocks (each repeated block of the model: residual,
+    # bottleneck, inverted residual, MBConv, dense layer, inception, ConvNeXt block; keeps
+    # only its input) | blocks:POLICY, a jax.checkpoint_policies name of what a block keeps
+    # as well: nothing_saveable (= blocks), dots_saveable (conv and matmul outputs: only norms
+    # and activations are recomputed), dots_with_no_batch_dims_saveable (Dense outputs, e.g.
+    # ConvNeXt's MLP). Memory and step time: experiments/README.md, "Rematerialisation".
+    c.remat = "none"
 
     c.num_epochs = 6
     c.batch_size = 256  # global, split over all devices

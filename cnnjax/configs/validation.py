@@ -17,6 +17,7 @@ from pathlib import Path
 from cnnjax import rules as r
 from cnnjax import workdir as workdir_lib
 from cnnjax.errors import CheckpointError, ConfigError
+from cnnjax.models.common import REMAT_CHOICES
 
 # The keys of every metrics.jsonl epoch line (trainer.epoch_line), so a checkpoint can be ranked
 # by any of them; test_* metrics exist on the last epoch only and cannot rank checkpoints.
@@ -42,6 +43,7 @@ RULES: dict[str, r.Rule] = {
     "dataset": r.TEXT,
     "dtype": r.choice(*DTYPES),
     "conv_backend": r.choice("auto", "xla", "onednn"),
+    "remat": r.choice(*REMAT_CHOICES),  # and blocks[:POLICY] only for models with blocks
     "num_epochs": _POSITIVE_INT,
     "batch_size": _POSITIVE_INT,
     "grad_accum_steps": _POSITIVE_INT,

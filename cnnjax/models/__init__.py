@@ -5,6 +5,8 @@ NHWC images to float32 logits; ``names()`` lists what is registered. Families re
 with ``@register`` in their own module; this file imports them all explicitly. A config names its
 model with a group, ``config.model.name`` plus any of the model's attributes
 (``config.model.small_input``, ``config.model.widths``): ``from_config`` validates and builds it.
+``remat`` (``config.remat``, see ``common.REMAT_CHOICES``) rematerialises each repeated block
+without changing any parameter path.
 """
 
 import contextlib
@@ -16,14 +18,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.errors import ConfigError, InputTooSmallError
+from cnnjax.models.common import remat_policy
 from cnnjax.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 register = MODELS.register  # decorator: a factory ``fn(num_classes, **kwargs) -> nn.Module``
 
 # Attributes every model has that the config sets elsewhere (``num_classes`` from the dataset,
-# ``dtype`` from ``config.dtype``) or that are Linen's own.
-_NOT_OPTIONS = ("num_classes", "dtype", "parent", "name")
+# ``dtype`` from ``config.dtype``, ``remat`` from ``config.remat``) or that are Linen's own.
+_NOT_OPTIONS = ("num_classes", "dtype", "remat", "parent", "name")
 _LITERAL_TYPES = (bool, int, float, str, tuple, type(None))
 
 
@@ -32,17 +35,28 @@ def names() -> list[str]:
     return MODELS.names()
 
 
-def get(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Builds the model ``name`` with ``num_classes`` outputs.
+def get(name: str, num_classes: int = 10, remat: str = "none", **kwargs) -> nn.Module:
+    """Builds the model ``name`` with ``num_classes`` outputs, its repeated blocks
+    rematerialised as ``remat`` (``config.remat``) says: the same parameters either way.
 
     Raises:
       UnknownNameError: (a ``ValueError``) ``name`` is unknown; the message lists valid names.
-      ConfigError: ``num_classes`` is not a positive integer.
+      ConfigError: ``num_classes`` is not a positive integer; ``remat`` is not a valid value, or
+        not ``none`` for a model without repeated blocks.
     """
     factory = MODELS[name]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    return factory(num_classes=num_classes, **kwargs)
+    module = factory(num_classes=num_classes, **kwargs)
+    if remat_policy(remat) is None:
+        return module
+    # Families with repeated blocks have a ``remat`` attribute, read where they build them.
+    if not any(f.name == "remat" for f in dataclasses.fields(module)):
+        raise ConfigError(
+            f"--config.remat={remat}: model {name!r} has no repeated blocks to rematerialise; "
+            "use --config.remat=none"
+        )
+    return module.clone(remat=remat)
 
 
 def options(name: str) -> dict[str, object]:
@@ -69,14 +83,15 @@ def _fits(value, default) -> bool:
     return isinstance(value, type(default))
 
 
-def check_config(model_config: Mapping) -> dict[str, object]:
-    """Validates a ``config.model`` group (``name`` plus model attributes) before anything is
-    built; returns the attributes as keyword arguments (lists as tuples).
+def check_config(model_config: Mapping, remat: str = "none") -> dict[str, object]:
+    """Validates a ``config.model`` group (``name`` plus model attributes), and ``remat`` for
+    that model, before anything is built; returns the attributes as keyword arguments (lists as
+    tuples).
 
     Raises:
       UnknownNameError: the model name is unknown.
-      ConfigError: an attribute the model does not have (the closest one named), or a value of
-        another type than the attribute's default.
+      ConfigError: an attribute the model does not have (the closest one named), a value of
+        another type than the attribute's default, or a ``remat`` the model cannot take.
     """
     settings = dict(model_config)
     name = settings.pop("name", None)
@@ -98,13 +113,18 @@ def check_config(model_config: Mapping) -> dict[str, object]:
                 f"{allowed[key]!r}"
             )
         kwargs[key] = tuple(value) if isinstance(value, list) else value
+    if remat != "none":
+        get(name, remat=remat)  # builds nothing but the module: raises for a bad remat
     return kwargs
 
 
-def from_config(model_config: Mapping, num_classes: int, dtype: str = "float32") -> nn.Module:
-    """The model a ``config.model`` group describes, computing in ``dtype``."""
-    kwargs = check_config(model_config)
-    return get(model_config["name"], num_classes, dtype=jnp.dtype(dtype), **kwargs)
+def from_config(
+    model_config: Mapping, num_classes: int, dtype: str = "float32", remat: str = "none"
+) -> nn.Module:
+    """The model a ``config.model`` group describes, computing in ``dtype``, rematerialised as
+    ``remat`` (``config.remat``) says."""
+    kwargs = check_config(model_config, remat)
+    return get(model_config["name"], num_classes, remat, dtype=jnp.dtype(dtype), **kwargs)
 
 
 def _empty_input_guard(next_fun, args, kwargs, context):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool
 from cnnjax.models import register
-from cnnjax.models.common import drop_path, torch_padding
+from cnnjax.models.common import drop_path, maybe_remat, torch_padding
 
 
 def layer_norm(dtype) -> Any:
@@ -56,6 +56,7 @@ class ConvNeXt(nn.Module):
       dims: channels per stage.
       stochastic_depth: drop-path rate of the last block.
       layer_scale: initial value of the per-channel residual scale.
+      remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each block.
     """
 
     num_classes: int = 1000
@@ -65,6 +66,7 @@ class ConvNeXt(nn.Module):
     layer_scale: float = 1e-6
     small_input: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -76,6 +78,7 @@ class ConvNeXt(nn.Module):
         x = ConvBN(self.dims[0], k, s, pad, act=None, dtype=self.dtype, name="stem")(x)
         x = norm(name="stem_ln")(x)
         total, index = sum(self.depths), 0
+        convnext_block = maybe_remat(ConvNeXtBlock, self.remat, static_argnums=(2,))  # (x, train)
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims, strict=True), start=1):
             if i > 1:
                 x = norm(name=f"downsample{i}_ln")(x)
@@ -83,8 +86,8 @@ class ConvNeXt(nn.Module):
                 x = down(name=f"downsample{i}")(x)
             for j in range(1, depth + 1):
                 rate = self.stochastic_depth * index / max(total - 1, 1)
-                block = ConvNeXtBlock(rate, self.layer_scale, self.dtype, name=f"stage{i}_block{j}")
-                x = block(x, train)
+                name = f"stage{i}_block{j}"
+                x = convnext_block(rate, self.layer_scale, self.dtype, name=name)(x, train)
                 index += 1
         x = GlobalAvgPool(name="pool")(x)
         x = norm(name="head_ln")(x)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import AvgPool, ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import bare_conv
+from cnnjax.models.common import bare_conv, maybe_remat
 
 
 class DenseLayer(nn.Module):
@@ -62,6 +62,7 @@ class DenseNet(nn.Module):
       num_init_features: stem channels.
       bn_size: bottleneck width as a multiple of ``growth_rate``.
       drop_rate: dropout after each dense layer.
+      remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each dense layer.
     """
 
     num_classes: int = 1000
@@ -72,6 +73,7 @@ class DenseNet(nn.Module):
     drop_rate: float = 0.0
     small_input: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -84,8 +86,9 @@ class DenseNet(nn.Module):
         else:
             x = stem((7, 7), (2, 2), padding=3)(x)
             x = MaxPool(3, 2, ((1, 1), (1, 1)), name="stem_pool")(x)
+        dense_layer = maybe_remat(DenseLayer, self.remat, static_argnums=(2,))  # (x, train)
         layer = partial(
-            DenseLayer, self.growth_rate, self.bn_size, self.drop_rate, norm, self.dtype
+            dense_layer, self.growth_rate, self.bn_size, self.drop_rate, norm, self.dtype
         )
         for i, n in enumerate(self.block_config, start=1):
             for j in range(1, n + 1):

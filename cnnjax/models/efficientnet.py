@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import drop_path, make_divisible, torch_padding
+from cnnjax.models.common import drop_path, make_divisible, maybe_remat, torch_padding
 
 # (expansion, kernel, first stride, out channels, repeats) per stage, B0 before scaling.
 MBCONV_STAGES = (
@@ -88,6 +88,7 @@ class EfficientNet(nn.Module):
       dropout: rate before the classifier.
       bn_epsilon: BatchNorm epsilon; torchvision's B0-B4 use BatchNorm2d's default 1e-5 (only
         B5-B7 and the V2 family use 1e-3), and pretrained weights only reproduce with theirs.
+      remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each MBConv block.
     """
 
     num_classes: int = 1000
@@ -99,6 +100,7 @@ class EfficientNet(nn.Module):
     small_input: bool = False
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -111,12 +113,13 @@ class EfficientNet(nn.Module):
         x = conv(width(32), (3, 3), stem_strides, pad, name="stem")(x.astype(self.dtype))
         repeats = [math.ceil(n * self.depth_mult) for *_, n in self.stages]
         index = 0
+        mbconv = maybe_remat(MBConv, self.remat, static_argnums=(2,))  # (self, x, train)
         for i, ((t, k, s, c, _), n) in enumerate(zip(self.stages, repeats, strict=True), 1):
             for j in range(n):
                 rate = self.stochastic_depth * index / sum(repeats)
                 strides = s if j == 0 else 1
                 name = f"stage{i}_block{j + 1}"
-                x = MBConv(width(c), k, strides, t, rate, norm, self.dtype, name=name)(x, train)
+                x = mbconv(width(c), k, strides, t, rate, norm, self.dtype, name=name)(x, train)
                 index += 1
         x = conv(4 * width(self.stages[-1][3]), (1, 1), name="last_conv")(x)
         x = GlobalAvgPool(name="pool")(x)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 from cnnjax.models import register
+from cnnjax.models.common import maybe_remat
 
 # (name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj); None marks a 3x3/2 max-pool
 # (2x2/2 before stage 5), as in torchvision.
@@ -66,6 +67,7 @@ class GoogLeNet(nn.Module):
       transform_input: re-normalise inputs from ImageNet's mean/std to mean 0.5, std 0.5 per
         channel first, as torchvision does for its ImageNet weights (``IMAGENET1K_V1`` was
         trained on inputs in that scale); ``cnnjax.pretrained.load`` sets it.
+      remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each inception module.
     """
 
     num_classes: int = 1000
@@ -75,6 +77,7 @@ class GoogLeNet(nn.Module):
     small_input: bool = False
     transform_input: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -94,13 +97,14 @@ class GoogLeNet(nn.Module):
         x = conv(w3, (3, 3), padding=1, name="conv3")(x)
         x = _ceil_max_pool(x, 3, "pool2")
         pools = 2
+        inception = maybe_remat(Inception, self.remat)
         for row in self.inceptions:
             if row is None:
                 pools += 1
                 window = 2 if pools == 4 else 3
                 x = _ceil_max_pool(x, window, f"pool{pools}")
             else:
-                x = Inception(row[1:], norm, self.dtype, name=row[0])(x)
+                x = inception(row[1:], norm, self.dtype, name=row[0])(x)
         x = GlobalAvgPool(name="pool")(x)
         return DenseHead(self.num_classes, self.dropout, self.dtype, name="head")(x, train)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import make_divisible, torch_padding
+from cnnjax.models.common import make_divisible, maybe_remat, torch_padding
 
 # (expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2.
 INVERTED_RESIDUALS = (
@@ -63,6 +63,7 @@ class MobileNetV2(nn.Module):
       width_mult: channel multiplier (rounded to multiples of 8).
       settings: the stage table (``INVERTED_RESIDUALS``).
       dropout: rate before the classifier.
+      remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each inverted residual.
     """
 
     num_classes: int = 1000
@@ -71,6 +72,7 @@ class MobileNetV2(nn.Module):
     dropout: float = 0.2
     small_input: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -81,11 +83,12 @@ class MobileNetV2(nn.Module):
         stem = make_divisible(32 * self.width_mult)
         x = x.astype(self.dtype)
         x = conv(stem, (3, 3), stem_strides, torch_padding(3, stem_strides[0]), name="stem")(x)
+        inverted_residual = maybe_remat(InvertedResidual, self.remat)
         for i, (t, c, n, s) in enumerate(self.settings, start=1):
             features = make_divisible(c * self.width_mult)
             for j in range(n):
                 strides = s if j == 0 else 1
-                block = InvertedResidual(
+                block = inverted_residual(
                     features, strides, t, norm, self.dtype, name=f"stage{i}_block{j + 1}"
                 )
                 x = block(x)

@@ -17,7 +17,7 @@ from cnnjax.layers import (
     batch_norm,
 )
 from cnnjax.models import register
-from cnnjax.models.common import torch_padding
+from cnnjax.models.common import maybe_remat, torch_padding
 
 
 class ResNet(nn.Module):
@@ -33,6 +33,7 @@ class ResNet(nn.Module):
       block_kwargs: extra block attributes (e.g. ``{"width": 128}`` scaling for Wide ResNets is
         handled by ``width_factor``).
       width_factor: bottleneck width multiplier (2 for Wide ResNet-50-2).
+      remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each block.
     """
 
     stage_sizes: Sequence[int]
@@ -43,6 +44,7 @@ class ResNet(nn.Module):
     small_input: bool = False
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -57,7 +59,10 @@ class ResNet(nn.Module):
             x = stem(norm=norm, dtype=self.dtype)(x)
             x = MaxPool(3, 2, torch_padding(3, 2), name="stem_pool")(x)
         block = partial(
-            self.block, norm=norm, zero_init_residual=self.zero_init_residual, dtype=self.dtype
+            maybe_remat(self.block, self.remat),
+            norm=norm,
+            zero_init_residual=self.zero_init_residual,
+            dtype=self.dtype,
         )
         if self.block is BottleneckBlock:
             block = partial(block, width=None)
@@ -73,13 +78,15 @@ class ResNet(nn.Module):
 
 class CifarResNet(nn.Module):
     """CIFAR ResNet-(6n+2) of He et al. 2016: 3x3/16 stem, three stages of n basic blocks with
-    16/32/64 channels, parameter-free option-A shortcuts, global average pool, dense head."""
+    16/32/64 channels, parameter-free option-A shortcuts, global average pool, dense head.
+    ``remat``: ``config.remat``; ``blocks[:POLICY]`` rematerialises each block."""
 
     depth: int
     num_classes: int = 10
     width: int = 16
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -89,9 +96,10 @@ class CifarResNet(nn.Module):
         n = (self.depth - 2) // 6
         norm = batch_norm(train, self.dtype)
         x = ConvBN(self.width, norm=norm, dtype=self.dtype, name="stem")(x.astype(self.dtype))
+        block = maybe_remat(ResidualBlock, self.remat)
         for i in range(3):
             for j in range(n):
-                x = ResidualBlock(
+                x = block(
                     self.width * 2**i,
                     2 if i > 0 and j == 0 else 1,
                     norm=norm,

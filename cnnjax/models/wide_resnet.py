@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
-from cnnjax.models.common import bare_conv
+from cnnjax.models.common import bare_conv, maybe_remat
 
 
 class PreActBlock(nn.Module):
@@ -44,6 +44,7 @@ class WideResNet(nn.Module):
       widen_factor: k.
       dropout: rate between the two convs of each block (0.3 in the paper's dropout runs; the
         reference code defaults to 0).
+      remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each block.
     """
 
     depth: int = 28
@@ -51,6 +52,7 @@ class WideResNet(nn.Module):
     num_classes: int = 10
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -60,11 +62,12 @@ class WideResNet(nn.Module):
         n = (self.depth - 4) // 6
         norm = batch_norm(train, self.dtype)
         x = bare_conv(16, (3, 3), self.dtype, "stem")(x.astype(self.dtype))
+        pre_act_block = maybe_remat(PreActBlock, self.remat, static_argnums=(2,))  # (x, train)
         for i in range(3):
             features = 16 * 2**i * self.widen_factor
             for j in range(n):
                 strides = 2 if i > 0 and j == 0 else 1
-                block = PreActBlock(
+                block = pre_act_block(
                     features,
                     strides,
                     self.dropout,
