@@ -63,6 +63,8 @@ FLAG_SUPPORT: dict[str, tuple[Version, Version | None]] = {
     "xla_cpu_use_fusion_emitters": ((0, 10), (0, 11)),
     # Its values (LibraryFusionType DOT, ELTWISE, REDUCE) are in all three jaxlibs.
     "xla_cpu_experimental_ynn_fusion_type": ((0, 10), None),
+    # A DebugOptions field since long before jaxlib 0.10 (a list of HLO pass names to skip).
+    "xla_disable_hlo_passes": ((0, 10), None),
     "xla_gpu_deterministic_ops": ((0, 10), None),
     # Candidates measured by experiments/gpu_check.sh, not set by default.
     "xla_gpu_enable_latency_hiding_scheduler": ((0, 10), None),

@@ -203,6 +203,7 @@ def test_this_jaxlib_accepts_every_flag_the_table_says_it_does():
         "xla_cpu_experimental_ynn_fusion_type": cli.CPU_FLAGS[
             "xla_cpu_experimental_ynn_fusion_type"
         ],
+        "xla_disable_hlo_passes": cli.CPU_FLAGS["xla_disable_hlo_passes"],
         "xla_gpu_deterministic_ops": "true",
         "xla_gpu_enable_latency_hiding_scheduler": "true",
         "xla_gpu_enable_triton_gemm": "false",
@@ -253,7 +254,7 @@ def test_config_deterministic_reaches_xla_flags_before_jax_starts():
     cases = {
         ("cuda", True): "--xla_gpu_deterministic_ops=true",
         ("cuda", False): "",
-        ("cpu", True): "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+        ("cpu", True): cli.merge_flags("", cli.CPU_FLAGS),
     }
     procs = {
         case: subprocess.Popen(
