@@ -47,7 +47,7 @@ def test_micro_batches_accumulate_to_the_big_batch_update():
         one = {"image": image[None], "label": label[None]}
         return steps.loss_and_grads(state, one, key, 0.0)[0]
 
-    per_example = jax.vmap(example_grads)(data["image"], data["label"])
+    per_example = jax.jit(jax.vmap(example_grads))(data["image"], data["label"])
     magnitude = jax.tree.map(lambda g: jnp.mean(jnp.abs(g), axis=0), per_example)
     n_terms = data["image"].shape[0] * data["image"][0].size  # batch x positions (an upper bound)
     deltas = jax.tree.map(lambda a, b: a - b, accumulated.params, big.params)
