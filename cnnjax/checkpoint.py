@@ -226,13 +226,10 @@ def load_run(workdir, step: int | None = None, mesh=None) -> TrainedRun:
     finally:
         mngr.close()
     s = restored.state
-    state = TrainState(
+    state = TrainState.for_inference(
+        model.apply,
+        s,
         step=s["step"],
-        apply_fn=model.apply,
-        params=s["params"],
-        tx=None,
-        opt_state=None,
-        batch_stats=s.get("batch_stats") or {},
         ema_params=s.get("ema_params"),
         ema_decay=float(config.ema_decay),
     )

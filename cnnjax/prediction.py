@@ -135,14 +135,7 @@ def load_pretrained_predictor(name: str, weights: str = "DEFAULT") -> Predictor:
             f"{name} weights {weights} classify {num_classes} classes, not ImageNet's "
             f"{len(classes)}: predict with a run trained from them (--workdir) instead"
         )
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=None,
-        opt_state=None,
-        batch_stats=variables["batch_stats"],
-    )
+    state = TrainState.for_inference(model.apply, variables, step=jnp.zeros((), jnp.int32))
     state = jax.device_put(state, parallel.replicated(parallel.make_mesh()))
     preprocess = Preprocess(t.mean, t.std, t.crop_size, 3, t.interpolation, t.resize_size)
     shape = (t.crop_size, t.crop_size, 3)

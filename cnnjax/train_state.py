@@ -75,6 +75,20 @@ class TrainState(train_state.TrainState):
             **kwargs,
         )
 
+    @classmethod
+    def for_inference(cls, apply_fn, variables: dict, step=0, **fields):
+        """A state that only evaluates: ``variables``' params and BatchNorm statistics, no
+        optimizer (``tx`` and ``opt_state`` None); ``fields`` sets the others (EMA...)."""
+        return cls(
+            step=step,
+            apply_fn=apply_fn,
+            params=variables["params"],
+            tx=None,
+            opt_state=None,
+            batch_stats=variables.get("batch_stats") or {},
+            **fields,
+        )
+
     def eval_params(self):
         """The weights to evaluate: the EMA when it is kept, else the trained params."""
         return self.params if self.ema_params is None else self.ema_params

@@ -212,14 +212,7 @@ def test_family_exports_to_onnx_as_predict_computes(name, options, shape, tmp_pa
 
     # As many images as the export's probe, with its arguments: JAX reuses that compilation.
     images = rng.integers(0, 256, (onnx_writer.PROBE_BATCH, *shape), np.uint8)
-    state = TrainState(
-        step=0,
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=None,
-        opt_state=None,
-        batch_stats=variables.get("batch_stats", {}),
-    )
+    state = TrainState.for_inference(model.apply, variables)
     float32 = jnp.dtype("float32")
     expected = np.asarray(prediction.probabilities(state, images, preprocess, float32, False))
     assert expected.max() < 0.99  # not saturated: the comparison sees the logits

@@ -311,14 +311,7 @@ def test_another_architecture_names_the_mismatching_parameters(resnet18_file):
     model = models.get("resnet18", 10, small_input=True)  # 3x3 stem: not torchvision's
     # Shapes only: merge compares shapes, and refuses before it copies anything.
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (28, 28, 3)))
-    state = TrainState(
-        step=0,
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=None,
-        opt_state=None,
-        batch_stats=variables["batch_stats"],
-    )
+    state = TrainState.for_inference(model.apply, variables)
     with pytest.raises(CheckpointError, match="do not match the resnet18 weights.*stem"):
         transfer.load_pretrained(state, f"torchvision:resnet18:{resnet18_file}")
 

@@ -274,14 +274,7 @@ def make_forward(model, preprocess: Preprocess, dtype: str = "float32", flip_tta
     ``variables`` must already be the EMA weights when the run kept them)."""
 
     def forward(variables, images):
-        state = TrainState(
-            step=0,
-            apply_fn=model.apply,
-            params=variables["params"],
-            tx=None,
-            opt_state=None,
-            batch_stats=variables.get("batch_stats", {}),
-        )
+        state = TrainState.for_inference(model.apply, variables)
         return prediction.probabilities(state, images, preprocess, jnp.dtype(dtype), flip_tta)
 
     return forward
