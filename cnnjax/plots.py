@@ -197,16 +197,10 @@ def save_grid(
       cmap: colour map of the (h, w) panels, or one per panel.
     """
     panels = [np.asarray(a, np.float32) for a in list(arrays)[:MAX_PANELS]]
-    ncols = min(ncols or math.ceil(math.sqrt(len(panels))), len(panels))
-    nrows = math.ceil(len(panels) / ncols)
     vmax = max(float(np.abs(p).max()) for p in panels) or 1.0
-    fig = figure(1.3 * ncols, 1.3 * nrows + 0.5)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= len(panels):
-            continue
-        p = panels[i]
+    ncols = ncols or math.ceil(math.sqrt(len(panels)))
+    fig, axes = panel_grid(len(panels), ncols, 1.3)
+    for i, (ax, p) in enumerate(zip(axes, panels, strict=False)):
         if p.ndim == 3:  # RGB: map to [0, 1]
             lo, hi = (-vmax, vmax) if symmetric else (p.min(), p.max())
             ax.imshow(np.clip((p - lo) / max(hi - lo, 1e-12), 0, 1))
@@ -218,6 +212,18 @@ def save_grid(
             ax.set_title(labels[i], fontsize=7)
     fig.suptitle(title, fontsize=9)
     save_atomic(fig, path, dpi=110)
+
+
+def panel_grid(n: int, ncols: int, inches: float):
+    """A figure of ``n`` panels, ``ncols`` (at most) per row, each ``inches`` square, with its
+    axes in reading order (every axis off: the panels show images)."""
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = figure(inches * ncols, inches * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False).flat
+    for ax in axes:
+        ax.axis("off")
+    return fig, list(axes)
 
 
 def save_overlays(
@@ -242,15 +248,9 @@ def save_overlays(
       alpha: opacity of the heatmap.
     """
     pairs = list(zip(images, heatmaps, strict=True))[:MAX_PANELS]
-    ncols = min(ncols or 8, len(pairs))
-    nrows = math.ceil(len(pairs) / ncols)
-    fig = figure(1.6 * ncols, 1.6 * nrows + 0.5)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= len(pairs):
-            continue
-        image, heat = (np.asarray(a, np.float32) for a in pairs[i])
+    fig, axes = panel_grid(len(pairs), ncols or 8, 1.6)
+    for i, (ax, pair) in enumerate(zip(axes, pairs, strict=False)):
+        image, heat = (np.asarray(a, np.float32) for a in pair)
         lo, hi = float(image.min()), float(image.max())
         image = (image - lo) / max(hi - lo, 1e-12)
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
