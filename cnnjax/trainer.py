@@ -563,7 +563,6 @@ def setup(config, workdir: Path) -> Run:
     select_conv_backend(config)  # before anything is traced
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
-    check_micro_batches(config.batch_size, config.grad_accum_steps, mesh)
     parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
     data = load_data(config, mesh)
     data.info = transfer.run_info(config, data.info)  # torchvision weights' preprocessing
@@ -593,15 +592,14 @@ def setup(config, workdir: Path) -> Run:
     )
 
 
-def check_micro_batches(batch_size: int, accum_steps: int, mesh) -> None:
-    """Refuses micro-batches (``batch_size / grad_accum_steps``) that the devices cannot share
-    equally.
+def check_micro_batches(batch_size: int, accum_steps: int, devices: int) -> None:
+    """Refuses micro-batches (``batch_size / grad_accum_steps``) that the ``devices`` cannot
+    share equally.
 
     Raises:
       ConfigError: naming both values and the device count.
     """
-    devices = mesh.devices.size
-    if batch_size % (accum_steps * devices):
+    if accum_steps > 1 and batch_size % (accum_steps * devices):
         raise ConfigError(
             f"--config.batch_size={batch_size} must be a multiple of --config.grad_accum_steps="
             f"{accum_steps} times the {devices} devices (micro-batches of batch_size / "
@@ -645,6 +643,7 @@ def _train_and_evaluate(config, workdir) -> dict:
     validation.check(config)
     validate_names(config)
     check_deterministic(config.get("deterministic", False), jax.default_backend(), xla_flags())
+    check_micro_batches(config.batch_size, config.get("grad_accum_steps", 1), jax.device_count())
     workdir = validation.check_workdir(workdir, create=jax.process_index() == 0)
     with workdir_lib.lock(workdir, jax.process_index() == 0), workdir_lib.disk_errors(workdir):
         return train_locked(config, workdir)

@@ -85,11 +85,14 @@ def test_batchnorm_normalises_and_updates_once_per_micro_batch():
     np.testing.assert_allclose(got, expected, rtol=16 * EPS32)
 
 
-def test_micro_batches_must_split_over_the_devices():
-    mesh = trainer.parallel.make_mesh()  # 4 fake CPU devices
-    trainer.check_micro_batches(32, 2, mesh)
+def test_micro_batches_must_split_over_the_devices(tiny_config, tmp_path):
+    trainer.check_micro_batches(32, 2, 4)
     with pytest.raises(trainer.ConfigError, match="grad_accum_steps=3 times the 4 devices"):
-        trainer.check_micro_batches(32, 3, mesh)
+        trainer.check_micro_batches(32, 3, 4)
+    # Refused before anything is written to the workdir.
+    with pytest.raises(trainer.ConfigError, match="grad_accum_steps=3 times the 4 devices"):
+        trainer.train_and_evaluate(variant(tiny_config, grad_accum_steps=3), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
