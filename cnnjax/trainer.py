@@ -76,6 +76,7 @@ class Run:
     schedule: object
     key: jax.Array  # data-order key
     profile: profiling.Window | None = None  # config.profile's steps, traced
+    peak_flops: float | None = None  # the device's dense peak at config.dtype (None: unknown)
     flops_per_step: float | None = None  # XLA's count for the compiled step, once it compiled
 
 
@@ -355,14 +356,16 @@ def stream_train(run: Run, epoch: int, first: int = 0):
 
 def dispatch_ends(first: int, end: int, every: tuple[int, ...], cuts: tuple[int, ...] = ()):
     """The batch index after each dispatch of batches ``first .. end - 1``: the first dispatch
-    is one step (it compiles, and the epoch's images/s leave it out), then each runs to the next
-    multiple of any of ``every`` (steps per dispatch, the log interval), so logs and preemption
-    checks fall on the same steps however the epoch was entered, or to the next of ``cuts``
-    (a profile window's edges)."""
-    i = first
+    is one step (in the process's first epoch it compiles, and images/s leave it out), then
+    each runs to the next multiple of any of ``every`` (steps per dispatch, the log interval),
+    so logs and preemption checks fall on the same steps however the epoch was entered, or to
+    the next of ``cuts`` (a profile window's edges)."""
+    if first >= end:
+        return
+    i = first + 1
+    yield i
     while i < end:
-        ends = [end, *((i // m + 1) * m for m in every), *(c for c in cuts if c > i)]
-        i = i + 1 if i == first else min(ends)
+        i = min(end, *((i // m + 1) * m for m in every), *(c for c in cuts if c > i))
         yield i
 
 
@@ -418,7 +421,8 @@ def epoch_steps(run: Run, state, epoch: int, writer, first_in_process: bool, res
         if done == first and first_in_process:
             jax.block_until_ready(acc)
             start, timed_steps = time.perf_counter(), run.steps_per_epoch - stop
-            run.flops_per_step = compiled_step_flops(run.train_fn, state, acc, args)
+            if run.peak_flops:  # only MFU needs it
+                run.flops_per_step = compiled_step_flops(run.train_fn, state, acc, args)
         if stop % c.log_every_steps == 0:
             check_steps(run, acc, epoch)
             log_progress(run, bar, writer, step0 + stop, acc, start, stop - 1)
@@ -539,11 +543,7 @@ def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:
     scale = 1.0 if state.plateau is None else float(state.plateau.scale)
     line["learning_rate"] = float(run.schedule(int(state.step))) * scale
     line["train_images_per_sec"] = round(ips, 1)
-    utilisation = flops_lib.mfu(
-        run.flops_per_step,
-        ips / run.config.batch_size,
-        flops_lib.peak_flops(jax.devices()[0], run.config.dtype),
-    )
+    utilisation = flops_lib.mfu(run.flops_per_step, ips / run.config.batch_size, run.peak_flops)
     if utilisation is not None:
         line["mfu"] = round(utilisation, 4)
     line["wall_s"] = round(wall_seconds(), 2)
@@ -577,6 +577,7 @@ def setup(config, workdir: Path) -> Run:
     train_fn, eval_fn = compile_steps(config, data, mesh, per_dispatch)
     key = jax.random.fold_in(jax.random.key(config.seed), 2)  # data-order stream
     profile = profiling.window(config.profile, workdir)
+    peak = flops_lib.peak_flops(jax.devices()[0], config.dtype)
     return Run(
         config,
         workdir,
@@ -589,6 +590,7 @@ def setup(config, workdir: Path) -> Run:
         schedule,
         key,
         profile,
+        peak,
     )
 
 
