@@ -34,7 +34,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } ||
     echo "setup.sh: could not install dataset-fashion-mnist; TFDS will download Fashion-MNIST instead"
 fi
-# cnnjax/kernels: oneDNN convolutions for CPU (config.conv_backend / CNNJAX_CONV=onednn) need
+# cnnjax/nn/kernels: oneDNN convolutions for CPU (config.conv_backend / CNNJAX_CONV=onednn) need
 # Debian's libdnnl-dev and a C++ compiler; without them cnnjax uses XLA's convolutions.
 if [ ! -e /usr/include/dnnl.hpp ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
@@ -42,5 +42,5 @@ if [ ! -e /usr/include/dnnl.hpp ] && command -v apt-get >/dev/null && [ "$(id -u
     { apt-get update -qq && apt-get install -y -qq libdnnl-dev >/dev/null; } ||
     echo "setup.sh: could not install libdnnl-dev; cnnjax will use XLA's convolutions"
 fi
-python -m cnnjax.kernels.build >/dev/null ||
+python -m cnnjax.nn.kernels.build >/dev/null ||
   echo "setup.sh: oneDNN convolutions not built; cnnjax will use XLA's convolutions"

@@ -4,10 +4,11 @@ The public API, re-exported explicitly. TensorFlow (used only to read TFDS data)
 imported by ``import cnnjax``.
 """
 
-from cnnjax import layers, models, ops
+from cnnjax import models
 from cnnjax.errors import CnnjaxError
-from cnnjax.layers import BottleneckBlock, ConvBN, DenseHead, GlobalAvgPool, ResidualBlock
-from cnnjax.train_state import TrainState, create_train_state
+from cnnjax.nn import layers, ops
+from cnnjax.nn.layers import BottleneckBlock, ConvBN, DenseHead, GlobalAvgPool, ResidualBlock
+from cnnjax.train.state import TrainState, create_train_state
 
 __version__ = "0.1.0"
 

@@ -37,11 +37,12 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from cnnjax import configs, parallel, preemption
+from cnnjax import configs
 from cnnjax.errors import CnnjaxError, ConfigError
+from cnnjax.train import parallel, preemption
 
 TRACEBACK_ENV = "CNNJAX_TRACEBACK"  # "1": print the traceback of a user error as well
-# SIGINT outside training's step loop (which saves and says so: cnnjax.preemption).
+# SIGINT outside training's step loop (which saves and says so: cnnjax.train.preemption).
 INTERRUPTED = "interrupted (SIGINT)"
 
 Version = tuple[int, ...]

@@ -3,12 +3,13 @@
 
 Restores the best checkpoint (by validation accuracy) unless ``--step`` names one, prints loss,
 accuracy and per-class accuracy, computed exactly as the trainer computes them, and writes
-``WORKDIR/confusion_matrix.png``. The library behind it is ``cnnjax.evaluation``.
+``WORKDIR/confusion_matrix.png``. The library behind it is ``cnnjax.train.eval_steps``.
 """
 
 from absl import flags
 
-from cnnjax import cli, evaluation
+from cnnjax import cli
+from cnnjax.train import eval_steps as evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", "checkpoints/default", "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best checkpoint).")

@@ -6,12 +6,13 @@
 Writes gradients.csv, gradients.png, saliency.png, grad_cam.png, smoothgrad.png,
 feature_maps.png, filters.png and kernel_gradients.png into ``--out`` (default
 ``WORKDIR/inspection``) and prints the gradient table. The library behind it is
-``cnnjax.inspection``.
+``cnnjax.tools.inspect``.
 """
 
 from absl import flags
 
-from cnnjax import cli, inspection
+from cnnjax import cli
+from cnnjax.tools import inspect as inspection
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: restore its best checkpoint and read images from its data."

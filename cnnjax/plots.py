@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnjax.workdir import atomic_file
+from cnnjax.run.workdir import atomic_file
 
 # Above these many classes, the confusion matrix drops per-cell values, then tick labels.
 MAX_CELL_VALUES = 30
@@ -55,7 +55,7 @@ def plot_curves(lines: list[dict], path, title: str | None = None, train_targets
     plot), as a PNG at ``path``.
 
     Args:
-      lines: ``metrics.jsonl`` lines (``cnnjax.metrics.read_lines``): ``epoch`` and any of
+      lines: ``metrics.jsonl`` lines (``cnnjax.run.metrics.read_lines``): ``epoch`` and any of
         ``train_loss``, ``eval_loss``, ``train_accuracy``, ``eval_accuracy``; a final
         ``test_accuracy`` goes into the title. Missing or non-finite values are skipped.
       path: the PNG to write (replaced atomically).

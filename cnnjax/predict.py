@@ -6,12 +6,13 @@ Restores the best checkpoint (by validation accuracy) unless ``--step`` names on
 PNG/JPEG to the size and channels the model was trained on, and prints its ``top_k`` classes
 with their probabilities. A file that cannot be read gets a one-line ``error: FILE: reason`` on
 stderr while the others are still predicted; the exit status is then 1. The library behind it
-is ``cnnjax.prediction``.
+is ``cnnjax.tools.predict``.
 """
 
 from absl import flags
 
-from cnnjax import cli, prediction
+from cnnjax import cli
+from cnnjax.tools import predict as prediction
 
 _WORKDIR = flags.DEFINE_string("workdir", "checkpoints/default", "Run directory to predict with.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best checkpoint).")

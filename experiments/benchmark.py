@@ -39,7 +39,7 @@ NO_YNN = "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=false"
 # cnnjax run other ways (--variants): name -> environment of its worker. The XLA flags given here
 # take precedence over cli.configure_xla()'s (it adds only flags XLA_FLAGS lacks).
 VARIANTS = {
-    "cnnjax_onednn": {"CNNJAX_CONV": "onednn"},  # convolutions through cnnjax/kernels
+    "cnnjax_onednn": {"CNNJAX_CONV": "onednn"},  # convolutions through cnnjax/nn/kernels
     "cnnjax_onednn_t1": {"CNNJAX_CONV": "onednn", "OMP_NUM_THREADS": "1"},
     "cnnjax_no_ynn": {"XLA_FLAGS": NO_YNN},  # YNNPACK off
     "cnnjax_onednn_no_ynn": {"CNNJAX_CONV": "onednn", "XLA_FLAGS": NO_YNN},
@@ -153,8 +153,10 @@ def cnnjax_worker(args) -> dict:
     cli.configure_xla()  # before JAX initialises its backend
     import jax
 
-    from cnnjax import evaluation, optim, trainer
     from cnnjax.data import pipeline
+    from cnnjax.train import eval_steps as evaluation
+    from cnnjax.train import loop as trainer
+    from cnnjax.train import optim
 
     config = bench_config(args.model, args.data_dir)
     with tempfile.TemporaryDirectory() as workdir:

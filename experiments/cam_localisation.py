@@ -34,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import cli, inspection, models, steps
-from cnnjax.train_state import TrainState, init_variables
+from cnnjax import cli, models
+from cnnjax.tools import inspect as inspection
+from cnnjax.train import steps
+from cnnjax.train.state import TrainState, init_variables
 
 CLASSES = ("square", "plus", "ring")
 IMAGE_SIZE = 32

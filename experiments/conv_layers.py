@@ -2,7 +2,7 @@
 
 Forward + backward (the output, the input gradient and the kernel gradient of one ``jax.vjp``,
 jitted) of every distinct convolution in simple_cnn and resnet20 at batch 128, for XLA and for
-``cnnjax.kernels.onednn`` with 1 and 2 OpenMP threads. Each XLA-flags variant (``default``: what
+``cnnjax.nn.kernels.onednn`` with 1 and 2 OpenMP threads. Each XLA-flags variant (``default``: what
 ``cnnjax.cli.configure_xla()`` sets; ``no_ynn``: YNNPACK off) runs in its own subprocess (XLA
 reads XLA_FLAGS once); inside one, the methods alternate call by call over ``--rounds`` rounds
 and the table shows medians, so machine noise hits all alike.
@@ -86,7 +86,7 @@ def worker(args) -> dict:
     import numpy as np
     from jax import lax
 
-    from cnnjax.kernels import onednn
+    from cnnjax.nn.kernels import onednn
 
     onednn.load()
     rng = np.random.default_rng(0)

@@ -14,11 +14,11 @@ real Fashion-MNIST and the wheels a bare GPU image lacks come from ``.carry/``
   persistent compilation cache.
 - ``tools``: ``python -m cnnjax.evaluate`` and ``python -m cnnjax.predict`` on the default run,
   ``python -m cnnjax.export --platforms=cuda,cpu --nosaved_model`` and the artifact loaded back
-  with ``cnnjax.export.load`` and compared with the predictor.
+  with ``cnnjax.tools.export.load`` and compared with the predictor.
 - ``resnet50``: ResNet-50 training steps, bf16 compute, 224 px, batch 128 and 256, cnnjax's
   train step beside PyTorch eager AMP (channels_last, autocast bf16, the same SGD) in the same
   process, each with its MFU (FLOPs of the compiled step by XLA's cost analysis; the device's
-  peak from ``cnnjax.flops``, else a measured bf16 matmul).
+  peak from ``cnnjax.train.flops``, else a measured bf16 matmul).
 - ``fast``: the ``cifar10_fast`` preset (bf16) through ``python -m cnnjax.train`` on synthetic
   CIFAR-shaped data whose test split is drawn from the training split's class templates.
 - ``flags``: candidate GPU XLA flags against none, each in a fresh process (XLA reads its flags
@@ -207,7 +207,8 @@ def write_synthetic_tfds(name: str, data_dir: Path, sizes: dict, fractions) -> P
 def check_env(args) -> dict:
     import jax
 
-    from cnnjax import cli, flops
+    from cnnjax import cli
+    from cnnjax.train import flops
 
     device = jax.devices()[0]
     smi = safe_run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"])
@@ -349,7 +350,8 @@ def reload_export(out: Path, workdir: Path, images, labels) -> dict:
     cli.configure_xla()  # as the tools run: the harness's flags, before JAX starts
     import jax
 
-    from cnnjax import export, prediction
+    from cnnjax.tools import export
+    from cnnjax.tools import predict as prediction
 
     start = time.perf_counter()
     model = export.load(out)
@@ -393,9 +395,10 @@ def jax_resnet(name: str, size: int, batch: int, steps: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from cnnjax import flops, models
-    from cnnjax import steps as steps_lib
-    from cnnjax.train_state import create_train_state
+    from cnnjax import models
+    from cnnjax.train import flops
+    from cnnjax.train import steps as steps_lib
+    from cnnjax.train.state import create_train_state
 
     model = models.get(name, num_classes=1000, dtype=jnp.bfloat16)
     tx = optax.sgd(0.1, momentum=0.9)
@@ -459,7 +462,7 @@ def device_peak(quick: bool) -> tuple[float, str]:
     import jax
     import jax.numpy as jnp
 
-    from cnnjax import flops
+    from cnnjax.train import flops
 
     device = jax.devices()[0]
     peak = flops.peak_flops(device, "bfloat16")
@@ -534,8 +537,8 @@ def flagbench(args) -> dict:
     import optax
 
     from cnnjax import models
-    from cnnjax import steps as steps_lib
-    from cnnjax.train_state import create_train_state
+    from cnnjax.train import steps as steps_lib
+    from cnnjax.train.state import create_train_state
 
     name, batch, steps = flagbench_sizes(args.quick)
     model = models.get(name, num_classes=10, dtype=jnp.bfloat16)

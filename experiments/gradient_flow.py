@@ -27,16 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import cli, steps
-from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
+from cnnjax import cli
 from cnnjax.models.resnet import CifarResNet
-from cnnjax.train_state import TrainState, init_variables
+from cnnjax.nn.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
+from cnnjax.train import steps
+from cnnjax.train.state import TrainState, init_variables
 
 SMOOTH = 10  # steps averaged per reported gradient norm (single steps are noisy)
 
 
 class PlainBlock(nn.Module):
-    """``cnnjax.layers.ResidualBlock`` without its shortcut: conv-BN-ReLU, conv-BN, ReLU."""
+    """``cnnjax.nn.layers.ResidualBlock`` without its shortcut: conv-BN-ReLU, conv-BN, ReLU."""
 
     features: int
     strides: int = 1

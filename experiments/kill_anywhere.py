@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import test_resume as resume  # noqa: E402
 from absl import logging  # noqa: E402
 
-from cnnjax import checkpoint  # noqa: E402
+from cnnjax.run import checkpoint  # noqa: E402
 
 LOG_STEPS = (3, 6, 11, 14, 19, 22)  # the recipe's progress logs (log_every_steps=3 per epoch)
 EPOCH_STEPS = (8, 16, 24)

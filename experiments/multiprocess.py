@@ -34,7 +34,7 @@ def compare(one: Path, many: Path) -> None:
     import jax
     import numpy as np
 
-    from cnnjax import checkpoint, metrics
+    from cnnjax.run import checkpoint, metrics
 
     for a, b in zip(metrics.read_lines(one), metrics.read_lines(many), strict=True):
         same = all(f"{a.get(k, 0):.4f}" == f"{b.get(k, 0):.4f}" for k in KEYS)

@@ -1,6 +1,6 @@
 """Whole train step, XLA convolutions vs oneDNN's, interleaved in one process.
 
-``cnnjax.kernels`` reads its backend when a function is traced, so one process can hold a step
+``cnnjax.nn.kernels`` reads its backend when a function is traced, so one process can hold a step
 traced with XLA's convolutions and one traced with oneDNN's (at 1 and at 2 OpenMP threads) and
 alternate 10-step windows of each: the fairest A/B a shared machine allows. The step is
 ``profile_step.build_jax_step``'s (Adam, synthetic 28x28x1 batches, state donated), under
@@ -39,8 +39,8 @@ def main(argv=None):
     cli.configure_xla()
     import jax
 
-    from cnnjax import kernels
-    from cnnjax.kernels import onednn
+    from cnnjax.nn import kernels
+    from cnnjax.nn.kernels import onednn
 
     runs = {}
     for name in args.variants:

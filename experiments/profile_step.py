@@ -82,9 +82,9 @@ def jax_worker(args):
     if pool == "nn":
         import flax.linen as nn
 
-        import cnnjax.layers
+        import cnnjax.nn.layers
 
-        cnnjax.layers.max_pool = lambda x, w, s, p: nn.max_pool(x, w, s, p)
+        cnnjax.nn.layers.max_pool = lambda x, w, s, p: nn.max_pool(x, w, s, p)
     step, state, batches = build_jax_step(args.model, args.batch_size)
     flops = _cost_flops(step.lower(state, *batches[0]).compile())
     holder = {"state": state}

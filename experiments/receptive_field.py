@@ -1,7 +1,7 @@
 """Empirical receptive fields vs the formula r_l = r_{l-1} + (k_l - 1) d_l prod_{i<l} s_i.
 
 For each stack, the empirical field is the non-zero region of d(centre output pixel, summed
-over channels) / d input, from `jax.grad` through `cnnjax.ops` layers with random positive
+over channels) / d input, from `jax.grad` through `cnnjax.nn.ops` layers with random positive
 weights. Prints a table, writes the gradient maps to OUT/receptive_field.png and exits
 non-zero if any stack disagrees with the formula.
 
@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: write a PNG, never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cnnjax.ops.receptive import (  # noqa: E402
+from cnnjax.nn.ops.receptive import (  # noqa: E402
     centre_gradient_map,
     random_stack,
     stack_receptive_field,

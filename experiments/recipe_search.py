@@ -35,7 +35,7 @@ def register_plain():
     import jax.numpy as jnp
 
     from cnnjax import models
-    from cnnjax.layers import ConvBN, DenseHead, MaxPool, batch_norm
+    from cnnjax.nn.layers import ConvBN, DenseHead, MaxPool, batch_norm
 
     class Plain(nn.Module):
         num_classes: int = 10
@@ -85,7 +85,8 @@ def recipe_config(recipe: dict):
 def train(recipe: dict, workdir: Path) -> dict:
     import jax
 
-    from cnnjax import optim, trainer
+    from cnnjax.train import loop as trainer
+    from cnnjax.train import optim
 
     c = recipe_config(recipe)
     run = trainer.setup(c, workdir)

@@ -62,7 +62,7 @@ def main(argv=None):
     cli.configure_xla()
     import jax
 
-    from cnnjax import kernels
+    from cnnjax.nn import kernels
 
     kernels.select(args.backend)
     step, state, batches = profile_step.build_jax_step(args.model, args.batch_size)

@@ -16,7 +16,7 @@ same batches, optimizer and schedule:
   finetune_lr_factor`` (``finetune="^(?!head/)"``), the new head at the full rate.
 * ``from scratch``: random initialisation, every layer at the full rate.
 
-The pre-trained weights go into the fresh model through ``cnnjax.transfer.merge`` (by parameter
+The pre-trained weights go into the fresh model through ``train.transfer.merge`` (by parameter
 path), given the pre-trained tree without its ``head``, so the head keeps its fresh init. Seeds
 vary the 1 % sample, the head's (or whole model's) init, the batch order and dropout; the
 pre-training run is shared. Prints a table and writes OUT/transfer.png and OUT/transfer.json.
@@ -37,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cnnjax import cli, configs, optim, steps, trainer, transfer
+from cnnjax import cli, configs
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
-from cnnjax.train_state import create_train_state, path_str
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim, steps, transfer
+from cnnjax.train.state import create_train_state, path_str
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)

@@ -33,8 +33,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-import cnnjax.pretrained as pretrained
-from cnnjax import checkpoint, cli, configs, optim, trainer
+import cnnjax.models.pretrained as pretrained
+from cnnjax import cli, configs
+from cnnjax.run import checkpoint
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim
 
 PHASES = {
     "head": {"freeze": "backbone", "finetune": ""},

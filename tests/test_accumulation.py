@@ -11,8 +11,10 @@ import pytest
 from conftest import variant
 from test_trainer import final_params
 
-from cnnjax import models, steps, trainer
-from cnnjax.train_state import create_train_state
+from cnnjax import models
+from cnnjax.train import loop as trainer
+from cnnjax.train import steps
+from cnnjax.train.state import create_train_state
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -63,7 +63,8 @@ def inputs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(fmnist_data_dir, tmp_path_factory):
     """A one-epoch ``tiny`` run and the digest of its files, taken before any case runs."""
-    from cnnjax import configs, trainer
+    from cnnjax import configs
+    from cnnjax.train import loop as trainer
 
     config = configs.get("tiny")
     config.num_epochs = 1

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import inspection, models
+from cnnjax import models
 from cnnjax.errors import ConfigError
-from cnnjax.train_state import init_variables
+from cnnjax.tools import inspect as inspection
+from cnnjax.train.state import init_variables
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 

@@ -1,4 +1,4 @@
-"""cnnjax.checkpoint: a whole TrainState round-trips bit for bit, the latest N plus the best are
+"""cnnjax.run.checkpoint: a whole TrainState round-trips bit for bit, the latest N plus the best are
 kept, every unusable checkpoint is a CheckpointError, and ``load_run`` opens a trained run
 without its dataset or an optimizer, with exactly the checkpointed weights (the EMA when kept),
 reading older config.json files too."""
@@ -11,10 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import checkpoint, configs, models, optim, parallel, trainer
+from cnnjax import configs, models
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import CheckpointError
-from cnnjax.train_state import abstract_train_state
+from cnnjax.run import checkpoint
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim, parallel
+from cnnjax.train.state import abstract_train_state
 
 SHAPE = (8, 8, 1)
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error
 
-from cnnjax import checkpoint, cli
+from cnnjax import cli
+from cnnjax.run import checkpoint
 
 
 def run_cli(module, *args, cwd, timeout=600):
@@ -76,7 +77,7 @@ def test_evaluate_on_a_non_run_directory(tmp_path):
 
 
 def test_killed_run_resumes_to_identical_parameters(tiny_config, fmnist_data_dir, tmp_path):
-    from cnnjax import trainer
+    from cnnjax.train import loop as trainer
 
     args = ["--config=tiny", f"--config.data.data_dir={fmnist_data_dir}", "--config.num_epochs=3"]
     killed = tmp_path / "killed"

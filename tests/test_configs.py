@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from cnnjax import cli, configs, trainer
+from cnnjax import cli, configs
 from cnnjax.data import augment
 from cnnjax.errors import ConfigError, UnknownNameError
+from cnnjax.train import loop as trainer
 
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from conftest import variant
 
-from cnnjax import evaluation, optim, trainer
-from cnnjax import metrics as metrics_lib
+from cnnjax.run import metrics as metrics_lib
+from cnnjax.train import eval_steps as evaluation
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim
 
 
 def test_dispatches_end_on_multiples_after_a_first_single_step():

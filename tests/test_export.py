@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error
 
-from cnnjax import checkpoint, export, prediction
+from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError
-from cnnjax.export import ExportError
-from cnnjax.preprocessing import Preprocess
+from cnnjax.run import checkpoint
+from cnnjax.tools import export
+from cnnjax.tools import predict as prediction
+from cnnjax.tools.export import ExportError
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 3, 8)
@@ -43,7 +45,7 @@ FRESH_PROCESS = textwrap.dedent(
     import jax
     import numpy as np
     import tensorflow as tf
-    from cnnjax import export
+    from cnnjax.tools import export
 
     out, images_path, result_path, batches = sys.argv[1:]
     images = np.load(images_path)
@@ -77,7 +79,8 @@ def run_python(*args, timeout=300):
 @pytest.fixture(scope="module")
 def workdir(fmnist_data_dir, tmp_path_factory):
     """A trained tiny run that keeps an EMA and evaluates with flip TTA."""
-    from cnnjax import configs, trainer
+    from cnnjax import configs
+    from cnnjax.train import loop as trainer
 
     config = configs.get("tiny")
     config.data.data_dir = fmnist_data_dir
@@ -353,7 +356,7 @@ def test_export_model_with_batch_norm_and_rgb_normalisation(tmp_path):
     import tensorflow as tf
 
     from cnnjax import models
-    from cnnjax.train_state import TrainState, init_variables
+    from cnnjax.train.state import TrainState, init_variables
 
     model, shape = models.get("torch_small_cnn", num_classes=5), (16, 16, 3)
     variables = init_variables(model, jax.random.key(0), shape)

@@ -16,12 +16,14 @@ import onnxruntime as ort
 import pytest
 from jax import lax
 
-from cnnjax import export, models, prediction
+from cnnjax import models
+from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError
-from cnnjax.export import ExportError, onnx_writer
-from cnnjax.layers import batch_norm
-from cnnjax.preprocessing import Preprocess
-from cnnjax.train_state import TrainState
+from cnnjax.nn.layers import batch_norm
+from cnnjax.tools import export, onnx_writer
+from cnnjax.tools import predict as prediction
+from cnnjax.tools.export import ExportError
+from cnnjax.train.state import TrainState
 
 EPS32 = float(np.finfo(np.float32).eps)
 SMALL = {"small_input": True}

@@ -1,4 +1,4 @@
-"""cnnjax.flops: XLA's cost analysis of a compiled program counts a matmul and a convolution as
+"""train.flops: XLA's cost analysis of a compiled program counts a matmul and a convolution as
 2 FLOPs per multiply-accumulate (so the MFU of a step is its real work), and the peak table is
 looked up by device kind and dtype."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import flops
+from cnnjax.train import flops
 
 CPU = jax.devices("cpu")[0]  # XLA:CPU's cost analysis, whatever the default device
 

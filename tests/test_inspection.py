@@ -16,11 +16,12 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from cnnjax import inspection, models
+from cnnjax import models
 from cnnjax.data.pipeline import DatasetInfo
 from cnnjax.errors import CnnjaxError
 from cnnjax.models.resnet import CifarResNet
-from cnnjax.train_state import init_variables
+from cnnjax.tools import inspect as inspection
+from cnnjax.train.state import init_variables
 
 SHAPE = (28, 28, 1)
 PNG_MAGIC = b"\x89PNG"
@@ -260,7 +261,8 @@ def test_cli_on_a_fresh_model_with_image_files(tmp_path):
 
 @pytest.mark.slow
 def test_restored_run_with_images_from_its_test_split(tiny_config, tmp_path):
-    from cnnjax import prediction, trainer
+    from cnnjax.tools import predict as prediction
+    from cnnjax.train import loop as trainer
 
     trainer.train_and_evaluate(tiny_config, tmp_path)
     loaded = inspection.load_model(tmp_path)

@@ -1,4 +1,4 @@
-"""cnnjax.kernels: oneDNN convolutions (forward, both gradients) vs lax, and the backend switch.
+"""cnnjax.nn.kernels: oneDNN convolutions (forward, both gradients) vs lax, and the backend switch.
 
 The extension is built here if it is not yet (``bash setup.sh`` installs libdnnl-dev and builds
 it; CI runs that first). Without oneDNN the numerical tests skip; the switch tests still run.
@@ -14,9 +14,9 @@ import pytest
 from cases import balanced_cases
 from jax import lax
 
-from cnnjax import kernels
-from cnnjax.kernels import build, onednn
-from cnnjax.layers import ConvBN
+from cnnjax.nn import kernels
+from cnnjax.nn.kernels import build, onednn
+from cnnjax.nn.layers import ConvBN
 
 DN = ("NHWC", "HWIO", "NHWC")
 U = 2.0**-24  # float32 unit roundoff
@@ -168,7 +168,7 @@ def test_unloadable_extension_falls_back_with_one_log_line(monkeypatch, caplog):
         raise build.BuildError("no compiler")
 
     monkeypatch.setattr(onednn, "load", fail)
-    with caplog.at_level(logging.WARNING, logger="cnnjax.kernels"):
+    with caplog.at_level(logging.WARNING, logger="cnnjax.nn.kernels"):
         assert kernels.resolve("onednn") == "xla"
     assert [r.getMessage() for r in caplog.records] == [
         "oneDNN convolutions unavailable, using XLA's: no compiler"
@@ -196,8 +196,8 @@ def test_nn_conv_accepts_the_dispatcher():
 
 def test_trainer_records_the_resolved_backend(lib, backend, monkeypatch):
     """config.json gets what ran: ``auto`` becomes ``kernels.AUTO``, or ``$CNNJAX_CONV``."""
-    from cnnjax import trainer
     from cnnjax.configs import tiny
+    from cnnjax.train import loop as trainer
 
     monkeypatch.delenv(kernels.ENV, raising=False)
     config = tiny.get_config()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.layers import (
+from cnnjax.nn.layers import (
     BottleneckBlock,
     ConvBN,
     DenseHead,

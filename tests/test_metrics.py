@@ -1,4 +1,4 @@
-"""cnnjax.metrics: sums become means once, on the host; metrics.jsonl lines are appended and
+"""cnnjax.run.metrics: sums become means once, on the host; metrics.jsonl lines are appended and
 the lines of epochs after a resumed checkpoint are dropped."""
 
 import json
@@ -7,7 +7,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import metrics, steps
+from cnnjax.run import metrics
+from cnnjax.train import steps
 
 
 def test_means_divide_the_sums_by_the_count():

@@ -15,11 +15,11 @@ import optax
 import pytest
 
 from cnnjax import models
-from cnnjax.layers import batch_norm
 from cnnjax.models.common import drop_path
 from cnnjax.models.convnext import ConvNeXtBlock
 from cnnjax.models.efficientnet import MBConv
-from cnnjax.pooling import adaptive_avg_pool, ceil_pool_padding
+from cnnjax.nn.layers import batch_norm
+from cnnjax.nn.pooling import adaptive_avg_pool, ceil_pool_padding
 
 # torchvision 0.28's counts at 224x224x3 and 1000 classes (sum of p.numel() over
 # torchvision.models.<name>(weights=None).parameters(); googlenet with aux_logits=False).

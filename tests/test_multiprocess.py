@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 from test_steps import assert_within_ulps
 
-from cnnjax import checkpoint, distributed, evaluation, launch, metrics, parallel
+from cnnjax import distributed, launch
 from cnnjax.errors import ConfigError
+from cnnjax.run import checkpoint, metrics
+from cnnjax.train import eval_steps as evaluation
+from cnnjax.train import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # one run on 2 shared, loaded cores; normally 20-90 s

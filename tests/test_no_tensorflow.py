@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnjax import parallel, trainer
+from cnnjax.train import loop as trainer
+from cnnjax.train import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,8 @@ sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
 NO_TENSORFLOW = (
     BLOCK
     + """
-from cnnjax import configs, trainer
+from cnnjax import configs
+from cnnjax.train import loop as trainer
 config = configs.get("tiny")
 config.data.data_dir = sys.argv[1]
 config.num_epochs = 1

@@ -13,9 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import checkpoint, configs, metrics, models, optim, steps, trainer
+from cnnjax import configs, models
 from cnnjax.errors import TrainingDivergedError
-from cnnjax.train_state import create_train_state
+from cnnjax.run import checkpoint, metrics
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim, steps
+from cnnjax.train.state import create_train_state
 
 ORIGINAL = steps.loss_and_grads
 

@@ -10,8 +10,8 @@ from cases import balanced_cases
 from jax import lax
 from jax.test_util import check_grads
 
-from cnnjax.ops import conv2d, conv2d_naive
-from cnnjax.ops.shapes import effective_kernel_size, resolve_window
+from cnnjax.nn.ops import conv2d, conv2d_naive
+from cnnjax.nn.ops.shapes import effective_kernel_size, resolve_window
 
 STATIC = ("stride", "padding", "dilation", "groups")
 conv_jit = jax.jit(conv2d, static_argnames=STATIC)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from cases import balanced_cases
 
-from cnnjax.ops import (
+from cnnjax.nn.ops import (
     avg_pool,
     avg_pool_backward,
     conv2d,
@@ -16,7 +16,7 @@ from cnnjax.ops import (
     max_pool,
     max_pool_backward,
 )
-from cnnjax.ops.shapes import effective_kernel_size
+from cnnjax.nn.ops.shapes import effective_kernel_size
 
 CONV_STATIC = ("stride", "padding", "dilation", "groups")
 POOL_STATIC = ("window", "stride", "padding")

@@ -10,7 +10,7 @@ from cases import balanced_cases
 from jax import lax
 from jax.test_util import check_grads
 
-from cnnjax.ops import (
+from cnnjax.nn.ops import (
     avg_pool,
     avg_pool_naive,
     global_avg_pool,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cnnjax.ops import (
+from cnnjax.nn.ops import (
     conv_params,
     dense_params,
     empirical_receptive_field,
@@ -11,8 +11,8 @@ from cnnjax.ops import (
     pool_output_size,
     receptive_field,
 )
-from cnnjax.ops.receptive import random_stack, stack_receptive_field, support_extent
-from cnnjax.ops.shapes import resolve_window
+from cnnjax.nn.ops.receptive import random_stack, stack_receptive_field, support_extent
+from cnnjax.nn.ops.shapes import resolve_window
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""cnnjax.optim, checked by its effect on updates: schedules at known steps, each optimizer's
+"""cnnjax.train.optim, checked by its effect on updates: schedules at known steps, each optimizer's
 update against optax's own, weight decay only on kernels, the transfer-learning learning rates,
 ReduceLROnPlateau's cooldown and floor."""
 
@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import configs, models, optim
-from cnnjax.train_state import init_variables
+from cnnjax import configs, models
+from cnnjax.train import optim
+from cnnjax.train.state import init_variables
 
 STEPS_PER_EPOCH = 10
 

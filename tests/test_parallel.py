@@ -1,12 +1,12 @@
-"""cnnjax.parallel on the 4 fake CPU devices of conftest: the batch split over the ``data`` axis,
+"""train.parallel on the 4 fake CPU devices of conftest: the batch split over the ``data`` axis,
 parameters replicated, batch sizes that do not split refused with a suggestion."""
 
 import jax
 import numpy as np
 import pytest
 
-from cnnjax import parallel
 from cnnjax.errors import ConfigError
+from cnnjax.train import parallel
 
 
 def test_mesh_spans_every_device_on_the_data_axis():

@@ -123,7 +123,8 @@ def test_training_loss_legend_names_its_targets(monkeypatch, tmp_path):
 
 
 def test_train_targets_describe_smoothing_and_mixing():
-    from cnnjax import configs, trainer
+    from cnnjax import configs
+    from cnnjax.train import loop as trainer
 
     config = configs.get("default")
     assert trainer.train_targets(config) == "label smoothing 0.1"

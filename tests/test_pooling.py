@@ -1,4 +1,4 @@
-"""cnnjax.pooling.max_pool: equal to nn.max_pool, values and gradients, fast path and fallback."""
+"""nn.pooling.max_pool: equal to nn.max_pool, values and gradients, fast path and fallback."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.pooling import _is_tiled, max_pool
+from cnnjax.nn.pooling import _is_tiled, max_pool
 
 
 def _weighted_sum(pool):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import checkpoint, prediction
 from cnnjax.errors import CheckpointError, CnnjaxError, ConfigError
+from cnnjax.run import checkpoint
+from cnnjax.tools import predict as prediction
 
 NUM_IMAGES = 64
 
@@ -21,7 +22,8 @@ NUM_IMAGES = 64
 @pytest.fixture(scope="module")
 def workdir(fmnist_data_dir, tmp_path_factory):
     """A trained tiny run (the function-scoped ``tiny_config`` cannot serve a module fixture)."""
-    from cnnjax import configs, trainer
+    from cnnjax import configs
+    from cnnjax.train import loop as trainer
 
     config = configs.get("tiny")
     config.data.data_dir = fmnist_data_dir
@@ -57,7 +59,8 @@ def png_files(test_arrays, tmp_path_factory):
 
 def reference_logits(workdir, images):
     """Logits of the best checkpoint restored the trainer's way (with its dataset)."""
-    from cnnjax import optim, steps, trainer
+    from cnnjax.train import loop as trainer
+    from cnnjax.train import optim, steps
 
     config = checkpoint.load_run_config(workdir)
     run = trainer.setup(config, workdir)

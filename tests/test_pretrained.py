@@ -1,8 +1,8 @@
-"""cnnjax.pretrained: torchvision state_dicts give the zoo models torchvision's logits.
+"""cnnjax.models.pretrained: torchvision state_dicts give the zoo models torchvision's logits.
 
 Every family is checked against the torchvision model itself: random weights and randomised
 BatchNorm statistics, saved with ``torch.save(model.state_dict())``, loaded through
-``cnnjax.pretrained.load`` and run on the same random batch.
+``cnnjax.models.pretrained.load`` and run on the same random batch.
 """
 
 import hashlib
@@ -20,10 +20,10 @@ import torch
 from flax import traverse_util
 from torchvision_models import WEIGHTS_FAMILIES, import_torchvision, weights_table
 
-import cnnjax.pretrained as pretrained
+import cnnjax.models.pretrained as pretrained
 from cnnjax.errors import CnnjaxError, UnknownNameError
-from cnnjax.pretrained import hub, weights
-from cnnjax.pretrained.mapping import PretrainedMismatchError
+from cnnjax.models.pretrained import hub, weights
+from cnnjax.models.pretrained.mapping import PretrainedMismatchError
 
 tv = import_torchvision()
 

@@ -3,7 +3,7 @@
 Each test builds the torchvision model with random weights and randomised BatchNorm statistics,
 LayerNorm affines and ConvNeXt layer scales (all of which torchvision initialises to trivial
 values that would hide a mis-mapped tensor), saves its ``state_dict`` as a ``.pth`` file, loads
-that file through ``cnnjax.pretrained.load`` and compares eval-mode logits on the same images.
+that file through ``models.pretrained.load`` and compares eval-mode logits on the same images.
 """
 
 import jax
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torchvision_models import import_torchvision
 
-from cnnjax import pretrained
-from cnnjax.pretrained.mapping import PretrainedMismatchError
+from cnnjax.models import pretrained
+from cnnjax.models.pretrained.mapping import PretrainedMismatchError
 
 MODERN = ("mobilenet_v2", "efficientnet_b0", "convnext_tiny")
 

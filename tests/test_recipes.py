@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from conftest import variant
 
-from cnnjax import checkpoint, evaluation, optim, trainer
+from cnnjax.run import checkpoint
+from cnnjax.train import eval_steps as evaluation
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim
 
 
 @pytest.mark.slow

@@ -16,13 +16,15 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import cli, configs, models, steps, trainer
+from cnnjax import cli, configs, models
 from cnnjax.configs import validation
 from cnnjax.errors import ConfigError
-from cnnjax.layers import BottleneckBlock, ResidualBlock
 from cnnjax.models.common import REMAT_CHOICES, REMAT_POLICIES, remat_policy
 from cnnjax.models.resnet import ResNet
-from cnnjax.train_state import abstract_train_state, create_train_state, init_variables
+from cnnjax.nn.layers import BottleneckBlock, ResidualBlock
+from cnnjax.train import loop as trainer
+from cnnjax.train import steps
+from cnnjax.train.state import abstract_train_state, create_train_state, init_variables
 
 KEEP_BARRIERS = {"xla_disable_hlo_passes": cli.CPU_FLAGS["xla_disable_hlo_passes"]}
 POLICIES = ["blocks", "blocks:dots_saveable", "blocks:dots_with_no_batch_dims_saveable"]

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cnnjax import checkpoint
+from cnnjax.run import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_POINTS = Path(__file__).resolve().parent / "kill_points"

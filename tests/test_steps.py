@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import models, parallel, steps
-from cnnjax.train_state import create_train_state
+from cnnjax import models
+from cnnjax.train import parallel, steps
+from cnnjax.train.state import create_train_state
 
 
 def make_state(name="cifar_cnn", tx=None):

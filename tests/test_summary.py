@@ -13,7 +13,7 @@ import pytest
 
 from cnnjax import models
 from cnnjax.cli import parse_shape
-from cnnjax.summary import SummaryTable, summary
+from cnnjax.tools.summary import SummaryTable, summary
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""cnnjax.train_state through the steps that use it: the EMA and its decay warmup, evaluation
+"""cnnjax.train.state through the steps that use it: the EMA and its decay warmup, evaluation
 with the EMA weights, flip test-time augmentation, and bfloat16 compute over float32 state."""
 
 import jax
@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import models, steps
-from cnnjax.train_state import create_train_state
+from cnnjax import models
+from cnnjax.train import steps
+from cnnjax.train.state import create_train_state
 
 
 def test_ema_tracks_params_with_decay_warmup_and_is_what_eval_uses():

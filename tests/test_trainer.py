@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from conftest import variant
 
-from cnnjax import checkpoint, models, optim, summary, trainer
-from cnnjax import metrics as metrics_lib
+from cnnjax import models
 from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError
-from cnnjax.evaluation import evaluate_run
+from cnnjax.run import checkpoint
+from cnnjax.run import metrics as metrics_lib
+from cnnjax.tools import summary
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim
+from cnnjax.train.eval_steps import evaluate_run
 
 LINE_KEYS = {
     "epoch",

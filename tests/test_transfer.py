@@ -1,4 +1,4 @@
-"""cnnjax.transfer: init_from another run by parameter path (a new head for another class
+"""cnnjax.train.transfer: init_from another run by parameter path (a new head for another class
 count), and a frozen backbone that training leaves bit-identical, BatchNorm statistics included."""
 
 import jax
@@ -7,9 +7,12 @@ import optax
 import pytest
 from conftest import variant
 
-from cnnjax import checkpoint, models, optim, trainer, transfer
+from cnnjax import models
 from cnnjax.errors import CheckpointError
-from cnnjax.train_state import create_train_state
+from cnnjax.run import checkpoint
+from cnnjax.train import loop as trainer
+from cnnjax.train import optim, transfer
+from cnnjax.train.state import create_train_state
 
 
 def initial_params(config):

@@ -21,14 +21,19 @@ from flax import traverse_util
 from PIL import Image
 from torchvision_models import import_torchvision
 
-import cnnjax.pretrained as pretrained
-from cnnjax import checkpoint, configs, evaluation, prediction, steps, trainer, transfer
+import cnnjax.models.pretrained as pretrained
+from cnnjax import configs
 from cnnjax.data import pipeline
+from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CheckpointError, ConfigError, UnknownNameError
-from cnnjax.preprocessing import Preprocess
-from cnnjax.pretrained import hub
-from cnnjax.pretrained.weights import IMAGENET_MEAN, IMAGENET_STD
-from cnnjax.train_state import init_variables
+from cnnjax.models.pretrained import hub
+from cnnjax.models.pretrained.weights import IMAGENET_MEAN, IMAGENET_STD
+from cnnjax.run import checkpoint
+from cnnjax.tools import predict as prediction
+from cnnjax.train import eval_steps as evaluation
+from cnnjax.train import loop as trainer
+from cnnjax.train import steps, transfer
+from cnnjax.train.state import init_variables
 
 tv = import_torchvision()
 IMAGE_SIZE = 32  # the side the model sees in the run (Fashion-MNIST's 28 px, resized on device)
@@ -142,7 +147,7 @@ def test_predictor_applies_the_runs_preprocessing(run, fmnist_data_dir):
 
 @pytest.mark.slow
 def test_inspection_feeds_the_model_what_training_did(run, fmnist_data_dir):
-    from cnnjax import inspection
+    from cnnjax.tools import inspect as inspection
 
     _, workdir = run
     images, labels = inspection.load_inputs(inspection.load_model(workdir), num_images=4)
@@ -306,7 +311,7 @@ def test_googlenet_needs_the_input_transform_its_weights_expect():
 
 def test_another_architecture_names_the_mismatching_parameters(resnet18_file):
     from cnnjax import models
-    from cnnjax.train_state import TrainState
+    from cnnjax.train.state import TrainState
 
     model = models.get("resnet18", 10, small_input=True)  # 3x3 stem: not torchvision's
     # Shapes only: merge compares shapes, and refuses before it copies anything.

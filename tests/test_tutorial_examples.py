@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.ops import (
+from cnnjax.nn.ops import (
     avg_pool,
     conv2d,
     conv2d_backward,

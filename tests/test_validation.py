@@ -9,7 +9,7 @@ import pytest
 from cnnjax import configs, models, rules
 from cnnjax.configs import validation
 from cnnjax.errors import CheckpointError, ConfigError, InputTooSmallError
-from cnnjax.train_state import init_variables
+from cnnjax.train.state import init_variables
 
 
 @pytest.mark.parametrize("preset", configs.names())

@@ -1,4 +1,4 @@
-"""cnnjax.workdir: one trainer per workdir (a flock the kernel drops with its process), an
+"""cnnjax.run.workdir: one trainer per workdir (a flock the kernel drops with its process), an
 unwritable workdir refused before any data is read, and a full disk (a real ENOSPC from a small
 tmpfs, filled at a chosen point by ``tests/disk_points/sitecustomize.py``) stopping a run with
 one line while its last committed checkpoint stays intact, restorable and resumable.
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from cnnjax import checkpoint, evaluation, trainer
-from cnnjax import workdir as workdir_lib
 from cnnjax.configs import validation
 from cnnjax.errors import CheckpointError
+from cnnjax.run import checkpoint
+from cnnjax.run import workdir as workdir_lib
+from cnnjax.train import eval_steps as evaluation
+from cnnjax.train import loop as trainer
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_POINTS = REPO / "tests" / "kill_points"
@@ -271,7 +273,7 @@ def fill(path: Path) -> None:
 
 
 def test_full_disk_while_writing_metrics_names_metrics_jsonl(tmp_path, mounts):
-    from cnnjax import metrics
+    from cnnjax.run import metrics
 
     disk = mounts(tmp_path / "disk", "size=4m")
     (disk / "w").mkdir()

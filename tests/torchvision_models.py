@@ -58,7 +58,7 @@ def _has_op(name: str) -> bool:
     return True
 
 
-# Every zoo name torchvision publishes ImageNet weights for (cnnjax/pretrained/weights.py).
+# Every zoo name torchvision publishes ImageNet weights for (cnnjax/models/pretrained/weights.py).
 WEIGHTS_FAMILIES = (
     "alexnet",
     *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
@@ -73,7 +73,7 @@ WEIGHTS_FAMILIES = (
 
 
 def weights_table() -> tuple[dict, dict]:
-    """``(WEIGHTS, DEFAULT)`` as ``cnnjax/pretrained/weights.py`` holds them, read from the
+    """``(WEIGHTS, DEFAULT)`` as ``cnnjax/models/pretrained/weights.py`` holds them, read from the
     installed torchvision's ``Weights`` enums: zoo name -> tag -> entry, and zoo name -> the tag
     ``DEFAULT`` means."""
     tv = import_torchvision()

@@ -18,7 +18,7 @@ def get_config() -> ConfigDict:
     c.model = ConfigDict({"name": "simple_cnn"})
     c.dataset = "fashion_mnist"
     c.dtype = "float32"  # compute dtype; params, optimizer state and BN statistics stay float32
-    # CPU convolutions: auto | xla | onednn (cnnjax/kernels; auto defers to $CNNJAX_CONV, else
+    # CPU convolutions: auto | xla | onednn (cnnjax/nn/kernels; auto defers to $CNNJAX_CONV, else
     # picks the one measured faster). config.json records what ran: xla or onednn.
     c.conv_backend = "auto"
     # Rematerialisation: recompute activations in the backward pass instead of keeping them,

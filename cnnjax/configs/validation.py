@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 
 from cnnjax import rules as r
-from cnnjax import workdir as workdir_lib
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.models.common import REMAT_CHOICES
+from cnnjax.run import workdir as workdir_lib
 
 # The keys of every metrics.jsonl epoch line (trainer.epoch_line), so a checkpoint can be ranked
 # by any of them; test_* metrics exist on the last epoch only and cannot rank checkpoints.
@@ -170,7 +170,7 @@ def check_workdir(workdir, create: bool = True) -> Path:
             f"--workdir={workdir} is not writable: {e.filename or workdir}: {e.strerror or e}"
         ) from None
     if (workdir / "config.json").exists():  # a run to resume: its config must be readable
-        from cnnjax import checkpoint
+        from cnnjax.run import checkpoint
 
         checkpoint.load_run_config(workdir)
     return workdir

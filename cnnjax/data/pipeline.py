@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.data import tfds as tfds_lib
+from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError
-from cnnjax.preprocessing import Preprocess
-from cnnjax.workdir import write_text_atomic
+from cnnjax.run.workdir import write_text_atomic
 
 STATS_SAMPLE = 10_000  # images used to estimate the per-channel mean and std
 ARRAY_CACHE = "cnnjax_arrays"  # folder in a prepared dataset's data_dir with decoded splits

@@ -6,15 +6,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import AdaptiveAvgPool, ConvBN, DenseHead, MaxPool
 from cnnjax.models import register
+from cnnjax.nn.layers import AdaptiveAvgPool, ConvBN, DenseHead, MaxPool
 
 
 class AlexNet(nn.Module):
     """torchvision AlexNet: five biased convs with ReLU (no norm), three 3x3/2 max-pools, an
     adaptive average pool to 6x6 and a 4096-4096 classifier with dropout before each hidden
     layer. 61,100,840 parameters at 1000 classes. Flattening is (H, W, C) order, NHWC's own:
-    ``cnnjax.pretrained`` permutes fc1's input rows from torch's (C, H, W) when it loads
+    ``cnnjax.models.pretrained`` permutes fc1's input rows from torch's (C, H, W) when it loads
     torchvision weights.
 
     ``small_input=True`` (28-32 px images) replaces the 11x11/4 stem and its max-pool with a 3x3/1

@@ -1,5 +1,5 @@
 """Small helpers shared by the zoo's families (not models; nothing here registers). Pooling,
-adaptive and ceil-mode included, lives in ``cnnjax.pooling``."""
+adaptive and ceil-mode included, lives in ``cnnjax.nn.pooling``."""
 
 import functools
 from collections.abc import Callable, Sequence
@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 
-from cnnjax import kernels
 from cnnjax.errors import ConfigError
-from cnnjax.layers import conv_kernel_init
+from cnnjax.nn import kernels
+from cnnjax.nn.layers import conv_kernel_init
 
 # Rematerialisation (``config.remat``): the ``jax.checkpoint_policies`` that suit convnets, by
 # name. Each says what a rematerialised block keeps for the backward pass besides its input;

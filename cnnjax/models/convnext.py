@@ -7,9 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool
 from cnnjax.models import register
 from cnnjax.models.common import drop_path, maybe_remat, torch_padding
+from cnnjax.nn.layers import ConvBN, DenseHead, GlobalAvgPool
 
 
 def layer_norm(dtype) -> Any:

@@ -7,9 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import AvgPool, ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 from cnnjax.models import register
 from cnnjax.models.common import bare_conv, maybe_remat
+from cnnjax.nn.layers import AvgPool, ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 
 
 class DenseLayer(nn.Module):

@@ -8,9 +8,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
 from cnnjax.models.common import drop_path, make_divisible, maybe_remat, torch_padding
+from cnnjax.nn.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 
 # (expansion, kernel, first stride, out channels, repeats) per stage, B0 before scaling.
 MBCONV_STAGES = (

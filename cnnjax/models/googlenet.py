@@ -7,9 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 from cnnjax.models import register
 from cnnjax.models.common import maybe_remat
+from cnnjax.nn.layers import ConvBN, DenseHead, GlobalAvgPool, MaxPool, batch_norm
 
 # (name, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj); None marks a 3x3/2 max-pool
 # (2x2/2 before stage 5), as in torchvision.
@@ -66,7 +66,7 @@ class GoogLeNet(nn.Module):
       dropout: rate before the classifier.
       transform_input: re-normalise inputs from ImageNet's mean/std to mean 0.5, std 0.5 per
         channel first, as torchvision does for its ImageNet weights (``IMAGENET1K_V1`` was
-        trained on inputs in that scale); ``cnnjax.pretrained.load`` sets it.
+        trained on inputs in that scale); ``cnnjax.models.pretrained.load`` sets it.
       remat: ``config.remat``; ``blocks[:POLICY]`` rematerialises each inception module.
     """
 

@@ -5,8 +5,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import AvgPool, ConvBN, DenseHead
 from cnnjax.models import register
+from cnnjax.nn.layers import AvgPool, ConvBN, DenseHead
 
 
 class LeNet5(nn.Module):

@@ -7,9 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
 from cnnjax.models.common import make_divisible, maybe_remat, torch_padding
+from cnnjax.nn.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 
 # (expansion t, channels c, repeats n, first stride s) per stage, as in the paper's Table 2.
 INVERTED_RESIDUALS = (

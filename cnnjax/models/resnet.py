@@ -7,7 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import (
+from cnnjax.models import register
+from cnnjax.models.common import maybe_remat, torch_padding
+from cnnjax.nn.layers import (
     BottleneckBlock,
     ConvBN,
     DenseHead,
@@ -16,15 +18,13 @@ from cnnjax.layers import (
     ResidualBlock,
     batch_norm,
 )
-from cnnjax.models import register
-from cnnjax.models.common import maybe_remat, torch_padding
 
 
 class ResNet(nn.Module):
     """ResNet v1.5 for ImageNet-size inputs; ``small_input=True`` swaps the 7x7/2 stem and its
     max-pool for a 3x3/1 stem so 28-32 px images keep their resolution. Every conv and pool
     pads symmetrically as torch does, so torchvision's weights give torchvision's outputs
-    (``cnnjax.pretrained``).
+    (``cnnjax.models.pretrained``).
 
     Attributes:
       stage_sizes: blocks per stage.

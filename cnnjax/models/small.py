@@ -6,8 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, MaxPool, batch_norm
 from cnnjax.models import register
+from cnnjax.nn.layers import ConvBN, DenseHead, MaxPool, batch_norm
 
 
 class KerasCifarCNN(nn.Module):

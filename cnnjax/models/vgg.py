@@ -6,8 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import AdaptiveAvgPool, ConvBN, DenseHead, MaxPool, batch_norm
 from cnnjax.models import register
+from cnnjax.nn.layers import AdaptiveAvgPool, ConvBN, DenseHead, MaxPool, batch_norm
 
 # Conv widths per stage (each stage ends in a 2x2 max-pool): torchvision's configs A, B, D, E.
 STAGES = {
@@ -22,7 +22,7 @@ class VGG(nn.Module):
     """torchvision VGG: 3x3 biased convs with ReLU (BatchNorm after the biased conv when
     ``batch_norm``, as torchvision does), 2x2 max-pools, an adaptive average pool to 7x7 and a
     4096-4096 classifier with dropout after each hidden layer. Flattening is (H, W, C) order,
-    NHWC's own: ``cnnjax.pretrained`` permutes fc1's input rows from torch's (C, H, W) when it
+    NHWC's own: ``models.pretrained`` permutes fc1's input rows from torch's (C, H, W) when it
     loads torchvision weights.
 
     ``small_input=True`` (28-32 px images) pools with SAME padding (ceil, so 28 px survives five

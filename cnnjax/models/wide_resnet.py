@@ -5,9 +5,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 from cnnjax.models import register
 from cnnjax.models.common import bare_conv, maybe_remat
+from cnnjax.nn.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
 
 
 class PreActBlock(nn.Module):

@@ -48,7 +48,7 @@ def fill(path: Path) -> None:
 
 
 def _fill_before_save(n: int) -> None:
-    from cnnjax import checkpoint
+    from cnnjax.run import checkpoint
 
     save = checkpoint.save
 
@@ -65,7 +65,7 @@ def _fill_before_save(n: int) -> None:
 
 
 def _fill_before_epoch_line(n: int) -> None:
-    from cnnjax import metrics
+    from cnnjax.run import metrics
 
     epoch = metrics.Writer.epoch
 

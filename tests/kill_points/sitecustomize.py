@@ -25,7 +25,7 @@ With ``CNNJAX_SIGNAL_AT_STEP=N`` the process sends itself SIGTERM at the progres
 where one process is preempted).
 
 With ``CNNJAX_PAUSE_UNTIL=signal`` the process waits at the point only until the trainer has
-recorded a SIGTERM or SIGINT (``cnnjax.preemption``), then goes on, so a test can signal it at a
+recorded a SIGTERM or SIGINT (``train.preemption``), then goes on, so a test can signal it at a
 known point.
 """
 
@@ -45,7 +45,7 @@ def _pause(what: str, **details) -> None:
     tmp.write_text(json.dumps({"phase": what, "pid": os.getpid(), **details}))
     tmp.rename(marker)
     if os.environ.get("CNNJAX_PAUSE_UNTIL") == "signal":
-        from cnnjax import preemption
+        from cnnjax.train import preemption
 
         while preemption.received() is None:
             time.sleep(0.005)
@@ -77,7 +77,7 @@ def _committed_steps() -> list[int]:
 
 def _install(phase: str, n: int) -> None:
     if phase == "step":
-        from cnnjax import metrics
+        from cnnjax.run import metrics
 
         scalars = metrics.Writer.scalars
 
@@ -101,7 +101,7 @@ def _install(phase: str, n: int) -> None:
 
         atomicity.AtomicRenameTemporaryPath.finalize = paused_finalize
     elif phase == "eval":
-        from cnnjax import metrics
+        from cnnjax.run import metrics
 
         means, calls = metrics.means, []
 
@@ -115,7 +115,7 @@ def _install(phase: str, n: int) -> None:
 
         metrics.means = paused_means
     elif phase == "setup":
-        from cnnjax import trainer
+        from cnnjax.train import loop as trainer
 
         setup = trainer.setup
 
@@ -132,7 +132,7 @@ def _install(phase: str, n: int) -> None:
 def _signal_at(n: int) -> None:
     import signal
 
-    from cnnjax import metrics
+    from cnnjax.run import metrics
 
     scalars = metrics.Writer.scalars
 

@@ -1,0 +1,3 @@
+"""A run directory: the workdir (lock, disk errors), Orbax checkpoints, metrics.jsonl, and opening
+a trained run.
+"""

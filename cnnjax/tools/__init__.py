@@ -1,0 +1,1 @@
+"""The library side of the entry points: evaluate, predict, inspect, export, summary."""
