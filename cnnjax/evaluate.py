@@ -9,7 +9,7 @@ accuracy and per-class accuracy, computed exactly as the trainer computes them, 
 from absl import flags
 
 from cnnjax import cli
-from cnnjax.train import eval_steps as evaluation
+from cnnjax.tools import evaluate as evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", "checkpoints/default", "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best checkpoint).")

@@ -11,8 +11,8 @@ that compares frameworks is a ratio measured within the same invocation.
     python experiments/benchmark.py --quick     # smoke test: 1 round, 3 steps, torch eager only
 
 cnnjax is timed through the path ``python -m cnnjax.train`` runs: ``cli.configure_xla()``,
-``trainer.setup`` (resident data, jitted and donated step), ``trainer.initial_state`` and
-``run.train_fn(state, acc, run.data.train, order, i)``. The persistent compilation cache is
+``setup_lib.setup`` (resident data, jitted and donated step), ``resume.initial_state`` and
+``run.train_fn(state, acc, run.feed.train, order, i)``. The persistent compilation cache is
 off, so the warm-up column shows a cold compile.
 
 MFU = images/s x training FLOPs/image (XLA's cost analysis of the cnnjax step, used for every
@@ -154,32 +154,30 @@ def cnnjax_worker(args) -> dict:
     import jax
 
     from cnnjax.data import pipeline
-    from cnnjax.train import eval_steps as evaluation
-    from cnnjax.train import loop as trainer
-    from cnnjax.train import optim
+    from cnnjax.train import eval_steps, resume
+    from cnnjax.train import setup as setup_lib
 
     config = bench_config(args.model, args.data_dir)
     with tempfile.TemporaryDirectory() as workdir:
-        run = trainer.setup(config, Path(workdir))
-    model = trainer.build_model(config, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    state = trainer.initial_state(config, model, tx, run.data.info.image_shape, run.mesh)
-    holder = {"state": state, "acc": evaluation.zero_sums(run.mesh, train=True)}
-    order = pipeline.epoch_permutation(run.key, 0, len(run.data.train["label"]))
+        conv_backend = setup_lib.check(config)
+        run = setup_lib.setup(config, Path(workdir))
+    state = resume.initial_state(run)
+    holder = {"state": state, "acc": eval_steps.zero_sums(run.mesh, train=True)}
+    order = pipeline.epoch_permutation(run.key, 0, len(run.feed.train["label"]))
 
     def step(i):
         i %= run.steps_per_epoch
         holder["state"], holder["acc"] = run.train_fn(
-            holder["state"], holder["acc"], run.data.train, order, i
+            holder["state"], holder["acc"], run.feed.train, order, i, i + 1
         )
 
     result = time_steps(step, lambda: jax.block_until_ready(holder), args.warmup, args.steps)
-    lowered = run.train_fn.lower(holder["state"], holder["acc"], run.data.train, order, 0)
+    lowered = run.train_fn.lower(holder["state"], holder["acc"], run.feed.train, order, 0, 1)
     flops = profile_step._cost_flops(lowered.compile())
     result["flops_per_image"] = flops / BATCH_SIZE if flops else None
     result["peak_gflops"] = {"jnp.dot": profile_step.matmul_peak_jax()}
     result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    result["conv_backend"] = config.conv_backend  # what trainer.setup resolved
+    result["conv_backend"] = conv_backend  # what setup_lib.check resolved
     return result
 
 

@@ -8,7 +8,7 @@ augmentation, EMA, ReduceLROnPlateau) on the offline Fashion-MNIST. A trial trai
 through kills drawn at random from these moments, each after the point the workdir would resume
 from (so the run advances):
 
-- ``setup``: start-up (``trainer.setup``, before the data is read);
+- ``setup``: start-up (``setup_lib.setup``, before the data is read);
 - ``step``: the progress log of a random step (steps dispatched, metrics being fetched);
 - ``save``: an epoch checkpoint's commit (files written under Orbax's temporary name);
 - ``eval``: the process's first validation;

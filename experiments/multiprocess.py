@@ -34,7 +34,7 @@ def compare(one: Path, many: Path) -> None:
     import jax
     import numpy as np
 
-    from cnnjax.run import checkpoint, metrics
+    from cnnjax.run import metrics, trained
 
     for a, b in zip(metrics.read_lines(one), metrics.read_lines(many), strict=True):
         same = all(f"{a.get(k, 0):.4f}" == f"{b.get(k, 0):.4f}" for k in KEYS)
@@ -42,7 +42,7 @@ def compare(one: Path, many: Path) -> None:
         for k in KEYS:
             if k in a:
                 print(f"  {k:15s} {a[k]:.7f} {b[k]:.7f}")
-    ra, rb = checkpoint.load_run(one), checkpoint.load_run(many)
+    ra, rb = trained.load_run(one), trained.load_run(many)
     va = {"params": ra.state.params, "batch_stats": ra.state.batch_stats}
     vb = {"params": rb.state.params, "batch_stats": rb.state.batch_stats}
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(va))[0]

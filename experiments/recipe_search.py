@@ -85,22 +85,20 @@ def recipe_config(recipe: dict):
 def train(recipe: dict, workdir: Path) -> dict:
     import jax
 
-    from cnnjax.train import loop as trainer
-    from cnnjax.train import optim
+    from cnnjax.train import hooks, loop, resume
+    from cnnjax.train import setup as setup_lib
 
     c = recipe_config(recipe)
-    run = trainer.setup(c, workdir)
-    model = trainer.build_model(c, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(c, run.steps_per_epoch)
-    state = trainer.initial_state(c, model, tx, trainer.run_input_shape(run), run.mesh)
+    run = setup_lib.setup(c, workdir)
+    state = resume.initial_state(run)
     out = {"recipe": recipe, "params": sum(x.size for x in jax.tree.leaves(state.params))}
     out["epochs"], total = [], 0.0
     for epoch in range(c.num_epochs):
         start = time.perf_counter()
-        state, _, ips = trainer.epoch_steps(run, state, epoch, None, epoch == 0)
+        state, _, ips = loop.epoch_steps(run, state, epoch, None, epoch == 0)
         seconds = time.perf_counter() - start
         total += seconds
-        acc = trainer.split_metrics(run, state, "test")["test_accuracy"]
+        acc = hooks.split_metrics(run, state, "test")["test_accuracy"]
         out["epochs"].append([epoch + 1, round(acc, 4), round(seconds, 1), round(ips)])
     out["train_s"] = round(total, 1)
     return out

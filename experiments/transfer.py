@@ -40,8 +40,8 @@ from ml_collections import ConfigDict
 from cnnjax import cli, configs
 from cnnjax.data import pipeline
 from cnnjax.data import tfds as tfds_lib
-from cnnjax.train import loop as trainer
 from cnnjax.train import optim, steps, transfer
+from cnnjax.train import setup as setup_lib
 from cnnjax.train.state import create_train_state, path_str
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -192,13 +192,13 @@ def pretrain(args, tasks: dict, mean, std) -> tuple[dict, float, float]:
     seconds)``."""
     start = time.perf_counter()
     config = base_config(args)
-    model = trainer.build_model(config, NUM_CLASSES)
+    model = setup_lib.build_model(config, NUM_CLASSES)
     steps_per_epoch = len(tasks["source_train"]["label"]) // config.batch_size
     tx, _ = optim.create_optimizer(config, steps_per_epoch)
     key = jax.random.key(config.seed)
     shape = tasks["source_train"]["image"].shape[1:]
     state = create_train_state(
-        model, tx, jax.random.fold_in(key, 0), shape, **trainer.state_options(config)
+        model, tx, jax.random.fold_in(key, 0), shape, **setup_lib.state_options(config)
     )
     train_fn, eval_fn = compile_steps(config, mean, std)
     split = to_device(tasks["source_train"])
@@ -218,7 +218,7 @@ def initial_state(model, tx, config, key, image_shape, pretrained: dict | None):
     """A fresh TrainState (frozen pattern from the config), with the pre-trained backbone merged
     in by path when ``pretrained`` is given. Every leaf is a fresh device copy, so donating the
     state never touches ``pretrained``."""
-    state = create_train_state(model, tx, key, image_shape, **trainer.state_options(config))
+    state = create_train_state(model, tx, key, image_shape, **setup_lib.state_options(config))
     if pretrained is not None:
         state = state.replace(
             params=transfer.merge(state.params, without_head(pretrained["params"]), "params"),
@@ -259,7 +259,7 @@ def run_arm(args, arm: str, tasks: dict, pretrained: dict, mean, std) -> dict:
     compiled) once for all of them."""
     start = time.perf_counter()
     config = arm_config(args, arm)
-    model = trainer.build_model(config, NUM_CLASSES)
+    model = setup_lib.build_model(config, NUM_CLASSES)
     n_train = len(stratified_sample(tasks["target_train"], args.label_fraction, 0)["label"])
     if n_train < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size} exceeds the {n_train} examples")

@@ -1,7 +1,7 @@
 """The ``transfer_resnet50`` recipe's mechanics on a CPU: Fashion-MNIST from a torchvision
 ResNet-18 weights file, head first, then the last stage.
 
-Both phases go through ``python -m cnnjax.train``'s own ``trainer.train_and_evaluate``:
+Both phases go through ``python -m cnnjax.train``'s own ``loop.train_and_evaluate``:
 
 1. ``head``: ``init_from=torchvision:resnet18:FILE``, ``freeze=backbone``. The run takes the
    weights' preprocessing: 28 px grey images resized on the device to ``--image-size`` px,
@@ -35,9 +35,8 @@ from flax import traverse_util
 
 import cnnjax.models.pretrained as pretrained
 from cnnjax import cli, configs
-from cnnjax.run import checkpoint
-from cnnjax.train import loop as trainer
-from cnnjax.train import optim
+from cnnjax.run import trained
+from cnnjax.train import loop, optim
 
 PHASES = {
     "head": {"freeze": "backbone", "finetune": ""},
@@ -86,7 +85,7 @@ def phase_config(args, phase: str, init_from: str):
 
 def assert_backbone_is_the_files(workdir: Path, weights: Path) -> None:
     """Every non-head parameter and statistic of the run equals the file's, bit for bit."""
-    run = checkpoint.load_run(workdir)
+    run = trained.load_run(workdir)
     _, variables = pretrained.load("resnet18", str(weights))
     for what in ("params", "batch_stats"):
         want = traverse_util.flatten_dict(variables[what], sep="/")
@@ -101,7 +100,7 @@ def assert_backbone_is_the_files(workdir: Path, weights: Path) -> None:
 
 def trainable(config, workdir: Path) -> int:
     """Parameters the optimizer updates (not ``frozen``)."""
-    params = checkpoint.load_run(workdir).state.params
+    params = trained.load_run(workdir).state.params
     labels = jax.tree.leaves(optim.param_labels(config, params))
     return sum(
         int(np.size(p))
@@ -114,7 +113,7 @@ def run_phase(args, phase: str, init_from: str, workdir: Path) -> dict:
     start = time.perf_counter()
     config = phase_config(args, phase, init_from)
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, not a resumed one
-    line = trainer.train_and_evaluate(config, workdir)
+    line = loop.train_and_evaluate(config, workdir)
     return {
         "phase": phase,
         "init_from": init_from,

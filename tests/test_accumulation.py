@@ -12,8 +12,8 @@ from conftest import variant
 from test_trainer import final_params
 
 from cnnjax import models
-from cnnjax.train import loop as trainer
-from cnnjax.train import steps
+from cnnjax.train import loop, steps
+from cnnjax.train import setup as setup_lib
 from cnnjax.train.state import create_train_state
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -88,12 +88,12 @@ def test_batchnorm_normalises_and_updates_once_per_micro_batch():
 
 
 def test_micro_batches_must_split_over_the_devices(tiny_config, tmp_path):
-    trainer.check_micro_batches(32, 2, 4)
-    with pytest.raises(trainer.ConfigError, match="grad_accum_steps=3 times the 4 devices"):
-        trainer.check_micro_batches(32, 3, 4)
+    setup_lib.check_micro_batches(32, 2, 4)
+    with pytest.raises(setup_lib.ConfigError, match="grad_accum_steps=3 times the 4 devices"):
+        setup_lib.check_micro_batches(32, 3, 4)
     # Refused before anything is written to the workdir.
-    with pytest.raises(trainer.ConfigError, match="grad_accum_steps=3 times the 4 devices"):
-        trainer.train_and_evaluate(variant(tiny_config, grad_accum_steps=3), tmp_path / "run")
+    with pytest.raises(setup_lib.ConfigError, match="grad_accum_steps=3 times the 4 devices"):
+        loop.train_and_evaluate(variant(tiny_config, grad_accum_steps=3), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -102,10 +102,10 @@ def test_an_accumulating_run_resumes_bit_identically(tiny_config, tmp_path):
     """Accumulation happens inside one jitted step, so a checkpoint (or a preemption or kill,
     which resume from one) never holds half an accumulation: resuming replays whole steps."""
     config = variant(tiny_config, grad_accum_steps=2, **{"data.limit_examples": 128})
-    trainer.train_and_evaluate(config, tmp_path / "straight")
+    loop.train_and_evaluate(config, tmp_path / "straight")
     first = variant(config, num_epochs=1)
-    trainer.train_and_evaluate(first, tmp_path / "resumed")
-    trainer.train_and_evaluate(config, tmp_path / "resumed")
+    loop.train_and_evaluate(first, tmp_path / "resumed")
+    loop.train_and_evaluate(config, tmp_path / "resumed")
     a, meta_a = final_params(config, tmp_path / "straight")
     b, meta_b = final_params(config, tmp_path / "resumed")
     assert meta_a["step"] == meta_b["step"] == 8  # 2 epochs of 4 updates, not 16 micro-steps

@@ -64,13 +64,13 @@ def inputs(tmp_path_factory) -> Path:
 def trained(fmnist_data_dir, tmp_path_factory):
     """A one-epoch ``tiny`` run and the digest of its files, taken before any case runs."""
     from cnnjax import configs
-    from cnnjax.train import loop as trainer
+    from cnnjax.train import loop
 
     config = configs.get("tiny")
     config.num_epochs = 1
     config.data.data_dir = fmnist_data_dir
     workdir = tmp_path_factory.mktemp("battery") / "run"
-    trainer.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir, digest(workdir)
 
 

@@ -14,9 +14,9 @@ import pytest
 from cnnjax import configs, models
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import CheckpointError
-from cnnjax.run import checkpoint
-from cnnjax.train import loop as trainer
-from cnnjax.train import optim, parallel
+from cnnjax.run import checkpoint, trained
+from cnnjax.train import loop, optim, parallel, resume
+from cnnjax.train import setup as setup_lib
 from cnnjax.train.state import abstract_train_state
 
 SHAPE = (8, 8, 1)
@@ -103,7 +103,7 @@ def test_damaged_checkpoint_is_a_checkpoint_error(saved):
 
 def test_a_directory_without_config_is_not_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="not a cnnjax run directory"):
-        checkpoint.load_run_config(tmp_path)
+        trained.load_run_config(tmp_path)
 
 
 # ---------------------------------------------------------------------------------- load_run
@@ -118,18 +118,16 @@ def ema_run(fmnist_data_dir, tmp_path_factory):
     config.data.data_dir = fmnist_data_dir
     config.ema_decay = 0.9
     workdir = tmp_path_factory.mktemp("ema_run")
-    trainer.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir
 
 
 def full_state(workdir, step):
     """The whole TrainState at ``step``, restored the trainer's way (optimizer and dataset)."""
-    config = checkpoint.load_run_config(workdir)
-    run = trainer.setup(config, workdir)
-    model = trainer.build_model(config, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    mngr = checkpoint.run_manager(config, workdir, read_only=True)
-    return trainer.restore(run, mngr, model, tx, step)[0]
+    config = trained.load_run_config(workdir)
+    run = setup_lib.setup(config, workdir)
+    mngr = trained.run_manager(config, workdir, read_only=True)
+    return resume.restore(run, mngr, step)[0]
 
 
 def assert_trees_equal(a, b):
@@ -148,8 +146,8 @@ def test_load_run_restores_the_best_checkpoint_exactly(ema_run, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(tfds_lib, "builder", no_data)
         m.setattr(optim, "create_optimizer", no_optimizer)
-        run = checkpoint.load_run(ema_run)
-    mngr = checkpoint.run_manager(run.config, ema_run, read_only=True)
+        run = trained.load_run(ema_run)
+    mngr = trained.run_manager(run.config, ema_run, read_only=True)
     assert run.step == mngr.best_step()
     expected = full_state(ema_run, run.step)
     assert int(expected.step) == run.step and run.epoch == run.step // 16
@@ -168,11 +166,11 @@ def test_load_run_restores_the_best_checkpoint_exactly(ema_run, monkeypatch):
 
 @pytest.mark.slow
 def test_load_run_at_a_step_and_unknown_steps(ema_run):
-    run = checkpoint.load_run(ema_run, step=16)
+    run = trained.load_run(ema_run, step=16)
     assert run.step == 16 and run.epoch == 1
     assert_trees_equal(run.state.params, full_state(ema_run, 16).params)
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 7 .* have: \[16, 32\]"):
-        checkpoint.load_run(ema_run, step=7)
+        trained.load_run(ema_run, step=7)
 
 
 @pytest.mark.slow
@@ -182,23 +180,23 @@ def test_load_run_reads_a_config_json_of_an_older_version(ema_run, tmp_path):
     saved = json.loads((old / "config.json").read_text())
     saved["model"], saved["model_kwargs"] = saved["model"]["name"], "{}"
     (old / "config.json").write_text(json.dumps(saved))
-    run = checkpoint.load_run(old)
+    run = trained.load_run(old)
     assert dict(run.config.model) == {"name": "simple_cnn"} and "model_kwargs" not in run.config
-    assert_trees_equal(run.state.params, checkpoint.load_run(ema_run).state.params)
+    assert_trees_equal(run.state.params, trained.load_run(ema_run).state.params)
 
 
 def test_load_run_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(CheckpointError, match="not a cnnjax run directory .no config.json"):
-        checkpoint.load_run(tmp_path)
+        trained.load_run(tmp_path)
     (tmp_path / "config.json").write_text("")  # a truncated copy
     with pytest.raises(CheckpointError, match="config.json is unreadable"):
-        checkpoint.load_run(tmp_path)
+        trained.load_run(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "simple_cnn"}}))
     with pytest.raises(CheckpointError, match="config.json lacks dataset, dtype, data, check"):
-        checkpoint.load_run(tmp_path)
+        trained.load_run(tmp_path)
     (tmp_path / "config.json").write_text(configs.get("tiny").to_json())
     with pytest.raises(CheckpointError, match="no dataset.json.*never trained"):
-        checkpoint.load_run(tmp_path)
+        trained.load_run(tmp_path)
     (tmp_path / "dataset.json").write_text(json.dumps({"name": "fashion_mnist"}))
     with pytest.raises(CheckpointError, match="dataset.json lacks image_shape, num_classes"):
-        checkpoint.load_run(tmp_path)
+        trained.load_run(tmp_path)

@@ -77,7 +77,8 @@ def test_evaluate_on_a_non_run_directory(tmp_path):
 
 
 def test_killed_run_resumes_to_identical_parameters(tiny_config, fmnist_data_dir, tmp_path):
-    from cnnjax.train import loop as trainer
+    from cnnjax.train import resume
+    from cnnjax.train import setup as setup_lib
 
     args = ["--config=tiny", f"--config.data.data_dir={fmnist_data_dir}", "--config.num_epochs=3"]
     killed = tmp_path / "killed"
@@ -100,10 +101,8 @@ def test_killed_run_resumes_to_identical_parameters(tiny_config, fmnist_data_dir
     config.num_epochs = 3
     restored = []
     for workdir in (killed, straight):
-        run = trainer.setup(config, workdir)
-        model = trainer.build_model(config, 10)
-        tx, _ = trainer.optim.create_optimizer(config, run.steps_per_epoch)
-        state, meta = trainer.restore(run, checkpoint.manager(workdir, read_only=True), model, tx)
+        run = setup_lib.setup(config, workdir)
+        state, meta = resume.restore(run, checkpoint.manager(workdir, read_only=True))
         assert meta["epoch"] == 3
         restored.append(jax.device_get(state.params))
     jax.tree.map(np.testing.assert_array_equal, *restored)

@@ -10,7 +10,7 @@ import pytest
 from cnnjax import cli, configs
 from cnnjax.data import augment
 from cnnjax.errors import ConfigError, UnknownNameError
-from cnnjax.train import loop as trainer
+from cnnjax.train import setup as setup_lib
 
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
@@ -18,9 +18,9 @@ INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 @pytest.mark.parametrize("name", configs.names())
 def test_preset_is_valid(name):
     config = configs.get(name)
-    trainer.validate_names(config)
+    setup_lib.check(config)
     augment.parse(config.augment)
-    model = trainer.build_model(config, 10)
+    model = setup_lib.build_model(config, 10)
     x = jnp.zeros((2, *INPUT_SHAPES[config.dataset]))
     logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x)[0])
     assert logits.shape == (2, 10)
@@ -38,20 +38,20 @@ def test_unknown_preset_and_bad_model_attributes():
     config = configs.get("tiny")
     config.model.no_such_attribute = 1
     with pytest.raises(ConfigError, match="has no attribute 'no_such_attribute'"):
-        trainer.build_model(config, 10)
+        setup_lib.build_model(config, 10)
     config = configs.get("tiny")
     config.model.name = "resnet18"
     config.model.smal_input = True
     with pytest.raises(ConfigError, match="did you mean 'small_input'"):
-        trainer.build_model(config, 10)
+        setup_lib.build_model(config, 10)
     config.model = ml_collections.ConfigDict({"name": "resnet18", "small_input": "yes"})
     with pytest.raises(ConfigError, match="small_input='yes' must be like the default"):
-        trainer.build_model(config, 10)
+        setup_lib.build_model(config, 10)
 
 
 def test_model_group_builds_the_model_with_its_attributes():
     config = configs.get("cifar10_resnet18")
-    model = trainer.build_model(config, 10)
+    model = setup_lib.build_model(config, 10)
     assert model.small_input is True and model.num_classes == 10
 
 

@@ -8,33 +8,30 @@ import pytest
 from conftest import variant
 
 from cnnjax.run import metrics as metrics_lib
-from cnnjax.train import eval_steps as evaluation
-from cnnjax.train import loop as trainer
-from cnnjax.train import optim
+from cnnjax.train import eval_steps, loop, resume
+from cnnjax.train import setup as setup_lib
 
 
 def test_dispatches_end_on_multiples_after_a_first_single_step():
-    assert list(trainer.dispatch_ends(0, 16, (5, 50))) == [1, 5, 10, 15, 16]
+    assert list(loop.dispatch_ends(0, 16, (5, 50))) == [1, 5, 10, 15, 16]
     # Logs (every 4) and dispatch ends (every 6) both get a boundary.
-    assert list(trainer.dispatch_ends(0, 13, (6, 4))) == [1, 4, 6, 8, 12, 13]
+    assert list(loop.dispatch_ends(0, 13, (6, 4))) == [1, 4, 6, 8, 12, 13]
     # Entered mid-epoch (a resume): the same boundaries after the first step.
-    assert list(trainer.dispatch_ends(7, 16, (5, 50))) == [8, 10, 15, 16]
-    assert list(trainer.dispatch_ends(0, 3, (1, 50))) == [1, 2, 3]
-    assert list(trainer.dispatch_ends(16, 16, (5, 50))) == []
+    assert list(loop.dispatch_ends(7, 16, (5, 50))) == [8, 10, 15, 16]
+    assert list(loop.dispatch_ends(0, 3, (1, 50))) == [1, 2, 3]
+    assert list(loop.dispatch_ends(16, 16, (5, 50))) == []
 
 
 def test_auto_is_one_step_on_cpu_and_the_log_interval_on_accelerators():
-    assert trainer.steps_per_dispatch(0, 50, "cpu") == 1
-    assert trainer.steps_per_dispatch(0, 50, "gpu") == 50
-    assert trainer.steps_per_dispatch(0, 20, "tpu") == 20
-    assert trainer.steps_per_dispatch(7, 50, "cpu") == 7
+    assert setup_lib.steps_per_dispatch(0, 50, "cpu") == 1
+    assert setup_lib.steps_per_dispatch(0, 50, "gpu") == 50
+    assert setup_lib.steps_per_dispatch(0, 20, "tpu") == 20
+    assert setup_lib.steps_per_dispatch(7, 50, "cpu") == 7
 
 
 def _setup(config, workdir):
-    run = trainer.setup(config, workdir)
-    model = trainer.build_model(config, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    fresh = lambda: trainer.initial_state(config, model, tx, (28, 28, 1), run.mesh)
+    run = setup_lib.setup(config, workdir)
+    fresh = lambda: resume.initial_state(run)
     return run, fresh
 
 
@@ -47,12 +44,12 @@ def test_any_split_into_dispatches_and_any_resume_point_give_the_same_bits(tiny_
     config = variant(tiny_config, steps_per_dispatch=3, **{"data.limit_examples": 128})
     run, fresh = _setup(config, tmp_path)
     n = run.steps_per_epoch  # 4
-    order = trainer.pipeline.epoch_permutation(run.key, 0, len(run.data.train["label"]))
+    order = setup_lib.pipeline.epoch_permutation(run.key, 0, len(run.feed.train["label"]))
 
     def dispatched(ends):
-        state, acc, start = fresh(), evaluation.zero_sums(run.mesh, train=True), 0
+        state, acc, start = fresh(), eval_steps.zero_sums(run.mesh, train=True), 0
         for stop in ends:
-            state, acc = run.train_fn(state, acc, run.data.train, order, start, stop)
+            state, acc = run.train_fn(state, acc, run.feed.train, order, start, stop)
             start = stop
         return _bits(state, acc)
 
@@ -65,12 +62,12 @@ def test_any_split_into_dispatches_and_any_resume_point_give_the_same_bits(tiny_
     # The epoch loop resumed at batch 2 (a preemption checkpoint's Position, mid-dispatch)
     # ends with the bits of the uninterrupted epoch.
     writer = metrics_lib.Writer(tmp_path)
-    straight = _bits(*trainer.epoch_steps(run, fresh(), 0, writer, True)[:2])
+    straight = _bits(*loop.epoch_steps(run, fresh(), 0, writer, True)[:2])
     head, acc = run.train_fn(
-        fresh(), evaluation.zero_sums(run.mesh, train=True), run.data.train, order, 0, 2
+        fresh(), eval_steps.zero_sums(run.mesh, train=True), run.feed.train, order, 0, 2
     )
-    position = trainer.Position(0, 2, acc)
-    resumed = _bits(*trainer.epoch_steps(run, head, 0, writer, False, resume=position)[:2])
+    position = resume.Position(0, 2, acc)
+    resumed = _bits(*loop.epoch_steps(run, head, 0, writer, False, resume_at=position)[:2])
     writer.close()
     for a, b in zip(straight, resumed, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -21,7 +21,7 @@ from conftest import assert_one_line_error
 
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError
-from cnnjax.run import checkpoint
+from cnnjax.run import trained
 from cnnjax.tools import export
 from cnnjax.tools import predict as prediction
 from cnnjax.tools.export import ExportError
@@ -80,7 +80,7 @@ def run_python(*args, timeout=300):
 def workdir(fmnist_data_dir, tmp_path_factory):
     """A trained tiny run that keeps an EMA and evaluates with flip TTA."""
     from cnnjax import configs
-    from cnnjax.train import loop as trainer
+    from cnnjax.train import loop
 
     config = configs.get("tiny")
     config.data.data_dir = fmnist_data_dir
@@ -88,7 +88,7 @@ def workdir(fmnist_data_dir, tmp_path_factory):
     config.ema_decay = 0.9
     config.flip_tta = True
     workdir = tmp_path_factory.mktemp("tiny_ema_tta")
-    trainer.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -131,7 +131,7 @@ def fresh(out, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(workdir):
-    return checkpoint.load_run(workdir)
+    return trained.load_run(workdir)
 
 
 @pytest.mark.slow
@@ -278,7 +278,7 @@ def test_cli_exports(workdir, tmp_path):
     args = ["--platforms=cpu", "--nosaved_model"]
     result = run_python("-m", "cnnjax.export", f"--workdir={workdir}", f"--out={out}", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = checkpoint.load_run(workdir)
+    run = trained.load_run(workdir)
     assert result.stdout.splitlines() == [
         f"exported step {run.step}: uint8 (N, 28x28x1) -> 10 class probabilities",
         f"  {out / export.STABLEHLO_FILE}  (StableHLO for JAX, lowered for cpu)",
@@ -299,7 +299,7 @@ def test_cli_exports_onnx_that_answers_as_the_predictor(workdir, images, tmp_pat
     args = [f"--workdir={workdir}", f"--out={out}", "--format=onnx"]
     result = run_python("-m", "cnnjax.export", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = checkpoint.load_run(workdir)
+    run = trained.load_run(workdir)
     assert result.stdout.splitlines() == [
         f"exported step {run.step}: uint8 (N, 28x28x1) -> 10 class probabilities",
         f"  {out / export.ONNX_FILE}  (ONNX opset 17)",

@@ -262,9 +262,9 @@ def test_cli_on_a_fresh_model_with_image_files(tmp_path):
 @pytest.mark.slow
 def test_restored_run_with_images_from_its_test_split(tiny_config, tmp_path):
     from cnnjax.tools import predict as prediction
-    from cnnjax.train import loop as trainer
+    from cnnjax.train import loop
 
-    trainer.train_and_evaluate(tiny_config, tmp_path)
+    loop.train_and_evaluate(tiny_config, tmp_path)
     loaded = inspection.load_model(tmp_path)
     assert loaded.info.class_names[0] == "T-shirt/top" and loaded.image_shape == SHAPE
     images, labels = inspection.load_inputs(loaded, num_images=32)

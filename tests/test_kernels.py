@@ -4,6 +4,7 @@ The extension is built here if it is not yet (``bash setup.sh`` installs libdnnl
 it; CI runs that first). Without oneDNN the numerical tests skip; the switch tests still run.
 """
 
+import json
 import logging
 
 import flax.linen as nn
@@ -194,15 +195,16 @@ def test_nn_conv_accepts_the_dispatcher():
     assert conv.apply(variables, x).shape == (1, 5, 5, 2)
 
 
-def test_trainer_records_the_resolved_backend(lib, backend, monkeypatch):
+def test_trainer_records_the_resolved_backend(lib, backend, monkeypatch, tmp_path):
     """config.json gets what ran: ``auto`` becomes ``kernels.AUTO``, or ``$CNNJAX_CONV``."""
     from cnnjax.configs import tiny
-    from cnnjax.train import loop as trainer
+    from cnnjax.train import setup as setup_lib
 
     monkeypatch.delenv(kernels.ENV, raising=False)
     config = tiny.get_config()
-    assert trainer.select_conv_backend(config) == config.conv_backend == kernels.AUTO
+    assert setup_lib.check(config) == kernels.AUTO
     monkeypatch.setenv(kernels.ENV, "onednn")
     config = tiny.get_config()
-    assert trainer.select_conv_backend(config) == "onednn" == kernels.active()
-    assert '"conv_backend": "onednn"' in config.to_json_best_effort()
+    assert setup_lib.check(config) == "onednn" == kernels.active()
+    setup_lib.write_config(config, tmp_path, "onednn")
+    assert json.loads((tmp_path / "config.json").read_text())["conv_backend"] == "onednn"

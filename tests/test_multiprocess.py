@@ -23,8 +23,8 @@ from test_steps import assert_within_ulps
 
 from cnnjax import distributed, launch
 from cnnjax.errors import ConfigError
-from cnnjax.run import checkpoint, metrics
-from cnnjax.train import eval_steps as evaluation
+from cnnjax.run import metrics, trained
+from cnnjax.tools import evaluate as evaluation
 from cnnjax.train import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def two_by_two(fmnist_data_dir, tmp_path_factory):
 
 
 def variables(workdir: Path, step: int) -> dict:
-    run = checkpoint.load_run(workdir, step)
+    run = trained.load_run(workdir, step)
     return jax.device_get({"params": run.state.params, "batch_stats": run.state.batch_stats})
 
 
@@ -144,7 +144,7 @@ def test_two_process_checkpoint_restores_in_one(two_by_two, fmnist_data_dir, tmp
     shutil.copytree(two_by_two, workdir)
     train(workdir, run_args(fmnist_data_dir, epochs=EPOCHS + 1), devices=1)
     assert [m["step"] for m in metrics.read_lines(workdir)] == [1, 2, 3]
-    single = checkpoint.load_run(two_by_two, 2, mesh=parallel.make_mesh(jax.devices()[:1]))
+    single = trained.load_run(two_by_two, 2, mesh=parallel.make_mesh(jax.devices()[:1]))
     assert single.step == 2 and single.epoch == 2
 
 

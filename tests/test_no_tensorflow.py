@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnjax.train import loop as trainer
 from cnnjax.train import parallel
+from cnnjax.train import setup as setup_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,11 +39,12 @@ NO_TENSORFLOW = (
     BLOCK
     + """
 from cnnjax import configs
-from cnnjax.train import loop as trainer
+from cnnjax.train import hooks, loop, resume
+from cnnjax.train import setup as setup_lib
 config = configs.get("tiny")
 config.data.data_dir = sys.argv[1]
 config.num_epochs = 1
-line = trainer.train_and_evaluate(config, sys.argv[2])
+line = loop.train_and_evaluate(config, sys.argv[2])
 assert "tensorflow" not in sys.modules, "imported"
 print("test_accuracy", line["test_accuracy"])
 """
@@ -52,7 +53,7 @@ print("test_accuracy", line["test_accuracy"])
 
 @pytest.mark.slow
 def test_resident_training_runs_with_tensorflow_unimportable(tiny_config, tmp_path):
-    trainer.load_data(tiny_config, parallel.make_mesh())  # prepares the array cache
+    setup_lib.open_data(tiny_config, parallel.make_mesh())  # prepares the array cache
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
         [sys.executable, "-c", NO_TENSORFLOW, tiny_config.data.data_dir, str(tmp_path / "run")],

@@ -16,8 +16,7 @@ import pytest
 from cnnjax import configs, models
 from cnnjax.errors import TrainingDivergedError
 from cnnjax.run import checkpoint, metrics
-from cnnjax.train import loop as trainer
-from cnnjax.train import optim, steps
+from cnnjax.train import loop, optim, steps
 from cnnjax.train.state import create_train_state
 
 ORIGINAL = steps.loss_and_grads
@@ -130,7 +129,7 @@ def test_first_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
     # (and its NaN parameters make every later one bad); the run stops at 26, naming 23.
     monkeypatch.setattr(steps, "loss_and_grads", poisoned([23], what))
     with pytest.raises(TrainingDivergedError) as raised:
-        trainer.train_and_evaluate(run_config(tiny_config), tmp_path)
+        loop.train_and_evaluate(run_config(tiny_config), tmp_path)
     assert str(raised.value) == (
         "loss/gradients not finite at step 23 (epoch 2); the last good checkpoint (step 16, "
         "epoch 1) is kept: lower the learning rate or enable --config.grad_clip_norm or "
@@ -142,7 +141,7 @@ def test_first_nonfinite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
         return
     # The advice works: the same workdir with skip mode resumes from step 16 (the optimizer
     # state wrapped afresh) and skips the bad update.
-    line = trainer.train_and_evaluate(run_config(tiny_config, skip_nonfinite=2), tmp_path)
+    line = loop.train_and_evaluate(run_config(tiny_config, skip_nonfinite=2), tmp_path)
     assert line["epoch"] == 2 and line["skipped_updates"] == 1
     assert np.isfinite(line["train_loss"]) and np.isfinite(line["test_loss"])
 
@@ -153,7 +152,7 @@ def test_skip_mode_counts_skips_and_stops_at_n_in_a_row(tiny_config, tmp_path, m
     monkeypatch.setattr(steps, "loss_and_grads", poisoned([3, 22, 23]))
     config = run_config(tiny_config, skip_nonfinite=2)
     with pytest.raises(TrainingDivergedError) as raised:
-        trainer.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     assert str(raised.value) == (
         "2 updates in a row with non-finite gradients were skipped, the most "
         "--config.skip_nonfinite=2 allows (steps 22-23, epoch 2); the last good checkpoint "
@@ -165,6 +164,6 @@ def test_skip_mode_counts_skips_and_stops_at_n_in_a_row(tiny_config, tmp_path, m
     # Without the bad updates the same workdir goes on from step 16 with skip mode off (the
     # optimizer state unwrapped); the skips of epoch 1 stay in its line.
     monkeypatch.setattr(steps, "loss_and_grads", ORIGINAL)
-    line = trainer.train_and_evaluate(run_config(tiny_config), tmp_path)
+    line = loop.train_and_evaluate(run_config(tiny_config), tmp_path)
     assert line["epoch"] == 2 and "skipped_updates" not in line
     assert [x.get("skipped_updates") for x in metrics.read_lines(tmp_path)] == [1, None]

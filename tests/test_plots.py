@@ -124,11 +124,9 @@ def test_training_loss_legend_names_its_targets(monkeypatch, tmp_path):
 
 def test_train_targets_describe_smoothing_and_mixing():
     from cnnjax import configs
-    from cnnjax.train import loop as trainer
+    from cnnjax.train import setup as setup_lib
 
     config = configs.get("default")
-    assert trainer.train_targets(config) == "label smoothing 0.1"
-    config.label_smoothing, config.augment = 0.0, "crop(pad=2),mixup(alpha=0.2)"
-    assert trainer.train_targets(config) == "mixup"
-    config.augment = ""
-    assert trainer.train_targets(config) == ""
+    assert setup_lib.train_targets(config.label_smoothing, config.augment) == "label smoothing 0.1"
+    assert setup_lib.train_targets(0.0, "crop(pad=2),mixup(alpha=0.2)") == "mixup"
+    assert setup_lib.train_targets(0.0, "") == ""

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cnnjax.errors import CheckpointError, CnnjaxError, ConfigError
-from cnnjax.run import checkpoint
+from cnnjax.run import trained
 from cnnjax.tools import predict as prediction
 
 NUM_IMAGES = 64
@@ -23,12 +23,12 @@ NUM_IMAGES = 64
 def workdir(fmnist_data_dir, tmp_path_factory):
     """A trained tiny run (the function-scoped ``tiny_config`` cannot serve a module fixture)."""
     from cnnjax import configs
-    from cnnjax.train import loop as trainer
+    from cnnjax.train import loop
 
     config = configs.get("tiny")
     config.data.data_dir = fmnist_data_dir
     workdir = tmp_path_factory.mktemp("tiny_run")
-    trainer.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -59,16 +59,14 @@ def png_files(test_arrays, tmp_path_factory):
 
 def reference_logits(workdir, images):
     """Logits of the best checkpoint restored the trainer's way (with its dataset)."""
-    from cnnjax.train import loop as trainer
-    from cnnjax.train import optim, steps
+    from cnnjax.train import resume, steps
+    from cnnjax.train import setup as setup_lib
 
-    config = checkpoint.load_run_config(workdir)
-    run = trainer.setup(config, workdir)
-    model = trainer.build_model(config, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    mngr = checkpoint.run_manager(config, workdir, read_only=True)
-    state, _ = trainer.restore(run, mngr, model, tx, mngr.best_step())
-    mean, std = jnp.asarray(run.data.info.mean), jnp.asarray(run.data.info.std)
+    config = trained.load_run_config(workdir)
+    run = setup_lib.setup(config, workdir)
+    mngr = trained.run_manager(config, workdir, read_only=True)
+    state, _ = resume.restore(run, mngr, mngr.best_step())
+    mean, std = jnp.asarray(run.info.mean), jnp.asarray(run.info.std)
     x = steps.normalize(jnp.asarray(images), mean, std)
     logits = steps.predict_logits(state, x, flip_tta=config.flip_tta)
     return np.asarray(logits), mngr.best_step()

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import variant
 
-from cnnjax.run import checkpoint
-from cnnjax.train import eval_steps as evaluation
-from cnnjax.train import loop as trainer
-from cnnjax.train import optim
+from cnnjax.run import trained
+from cnnjax.tools import evaluate as evaluation
+from cnnjax.train import loop, resume
+from cnnjax.train import setup as setup_lib
 
 
 @pytest.mark.slow
@@ -31,8 +31,8 @@ def test_plateau_lowers_lr_and_early_stopping_restores_the_best(tiny_config, tmp
             "checkpointing.max_to_keep": 1,
         },
     )
-    final = trainer.train_and_evaluate(config, tmp_path)
-    lines = trainer.metrics_lib.read_lines(tmp_path)
+    final = loop.train_and_evaluate(config, tmp_path)
+    lines = loop.metrics_lib.read_lines(tmp_path)
     lrs = [line["learning_rate"] for line in lines]
     assert len(lines) == 4 < config.num_epochs  # epoch 1 is best; 3 more without improvement
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] < lrs[0] / 2  # lowered at least twice
@@ -46,10 +46,8 @@ def test_plateau_lowers_lr_and_early_stopping_restores_the_best(tiny_config, tmp
 
 
 def restored(config, workdir):
-    run = trainer.setup(config, workdir)
-    model = trainer.build_model(config, 10)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    state, _ = trainer.restore(run, checkpoint.run_manager(config, workdir, True), model, tx)
+    run = setup_lib.setup(config, workdir)
+    state, _ = resume.restore(run, trained.run_manager(config, workdir, True))
     return jax.device_get(state)
 
 
@@ -62,8 +60,8 @@ def test_bfloat16_trains_like_float32(tiny_config, tmp_path):
     recipe |= {"batch_size": 128, "label_smoothing": 0.1, "weight_decay": 5e-4}
     recipe |= {"grad_clip_norm": 1.0, "data.limit_examples": 12800, "data.eval_batch_size": 1000}
     short = variant(tiny_config, **recipe)
-    f32 = trainer.train_and_evaluate(short, tmp_path / "f32")
-    bf16 = trainer.train_and_evaluate(variant(short, dtype="bfloat16"), tmp_path / "bf16")
+    f32 = loop.train_and_evaluate(short, tmp_path / "f32")
+    bf16 = loop.train_and_evaluate(variant(short, dtype="bfloat16"), tmp_path / "bf16")
     # A trained model, so the comparison means something: seed 0 measured 0.8446 (bf16 0.8448);
     # a floor 2.5 points (250 test images) below.
     assert f32["test_accuracy"] > 0.82

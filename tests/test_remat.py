@@ -22,7 +22,7 @@ from cnnjax.errors import ConfigError
 from cnnjax.models.common import REMAT_CHOICES, REMAT_POLICIES, remat_policy
 from cnnjax.models.resnet import ResNet
 from cnnjax.nn.layers import BottleneckBlock, ResidualBlock
-from cnnjax.train import loop as trainer
+from cnnjax.train import setup as setup_lib
 from cnnjax.train import steps
 from cnnjax.train.state import abstract_train_state, create_train_state, init_variables
 
@@ -250,14 +250,14 @@ def test_blocks_for_a_model_without_blocks_is_refused_before_anything_runs():
     config.model.name = "vgg11"
     config.remat = "blocks:dots_saveable"
     with pytest.raises(ConfigError) as e:
-        trainer.validate_names(config)
+        setup_lib.check(config)
     assert str(e.value) == (
         "--config.remat=blocks:dots_saveable: model 'vgg11' has no repeated blocks to "
         "rematerialise; use --config.remat=none"
     )
     config.model.name = "resnet20"
-    trainer.validate_names(config)
-    assert trainer.build_model(config, 10).remat == "blocks:dots_saveable"
+    setup_lib.check(config)
+    assert setup_lib.build_model(config, 10).remat == "blocks:dots_saveable"
 
 
 def _temp_bytes(remat: str) -> int:

@@ -9,12 +9,13 @@ import pytest
 from conftest import variant
 
 from cnnjax import models
+from cnnjax.data.feed import StreamedFeed
 from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cnnjax.run import checkpoint
 from cnnjax.run import metrics as metrics_lib
 from cnnjax.tools import summary
-from cnnjax.train import loop as trainer
-from cnnjax.train import optim
+from cnnjax.train import hooks, loop, resume
+from cnnjax.train import setup as setup_lib
 from cnnjax.train.eval_steps import evaluate_run
 
 LINE_KEYS = {
@@ -31,19 +32,17 @@ LINE_KEYS = {
 
 def final_params(config, workdir):
     """The params of the latest checkpoint in ``workdir``."""
-    run = trainer.setup(config, workdir)
-    model = trainer.build_model(config, run.data.info.num_classes)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
+    run = setup_lib.setup(config, workdir)
     mngr = checkpoint.manager(workdir, read_only=True)
-    state, meta = trainer.restore(run, mngr, model, tx)
+    state, meta = resume.restore(run, mngr)
     return jax.device_get(state.params), meta
 
 
 @pytest.mark.slow
 def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path, monkeypatch):
     peak = 1e9  # a made-up peak for the CPU (the table knows accelerators only)
-    monkeypatch.setattr(trainer.flops_lib, "peak_flops", lambda device, dtype: peak)
-    line = trainer.train_and_evaluate(tiny_config, tmp_path)
+    monkeypatch.setattr(loop.flops_lib, "peak_flops", lambda device, dtype: peak)
+    line = loop.train_and_evaluate(tiny_config, tmp_path)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert set(lines[0]) >= LINE_KEYS and "test_accuracy" not in lines[0]
@@ -67,7 +66,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path, m
 
     # The same command again is a no-op; evaluate agrees exactly with the trainer's last test
     # line (the same jitted eval step on the same restored state).
-    assert trainer.train_and_evaluate(tiny_config, tmp_path) == line
+    assert loop.train_and_evaluate(tiny_config, tmp_path) == line
     result = evaluate_run(tmp_path, step=32, split="test")
     assert result["test_accuracy"] == line["test_accuracy"]
     assert result["test_loss"] == line["test_loss"]
@@ -77,13 +76,13 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tiny_config, tmp_path, m
 @pytest.mark.slow
 def test_resume_is_bit_identical_and_trains_only_remaining_epochs(tiny_config, tmp_path):
     straight = tmp_path / "straight"
-    trainer.train_and_evaluate(tiny_config, straight)
+    loop.train_and_evaluate(tiny_config, straight)
 
     resumed = tmp_path / "resumed"
     first = tiny_config.copy_and_resolve_references()
     first.num_epochs = 1
-    trainer.train_and_evaluate(first, resumed)
-    trainer.train_and_evaluate(tiny_config, resumed)
+    loop.train_and_evaluate(first, resumed)
+    loop.train_and_evaluate(tiny_config, resumed)
     epochs = [json.loads(s)["epoch"] for s in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
 
@@ -95,30 +94,28 @@ def test_resume_is_bit_identical_and_trains_only_remaining_epochs(tiny_config, t
 
 @pytest.mark.slow
 def test_step_functions_compile_once(tiny_config, tmp_path):
-    run = trainer.setup(tiny_config, tmp_path)
-    model = trainer.build_model(tiny_config, 10)
-    tx, _ = optim.create_optimizer(tiny_config, run.steps_per_epoch)
-    state = trainer.initial_state(tiny_config, model, tx, (28, 28, 1), run.mesh)
-    writer = trainer.metrics_lib.Writer(tmp_path)
+    run = setup_lib.setup(tiny_config, tmp_path)
+    state = resume.initial_state(run)
+    writer = loop.metrics_lib.Writer(tmp_path)
     for epoch in range(2):
-        state, _, _ = trainer.train_epoch(run, state, epoch, writer, epoch == 0)
-        trainer.split_metrics(run, state, "validation")
+        state, _, _ = loop.epoch_steps(run, state, epoch, writer, epoch == 0)
+        hooks.split_metrics(run, state, "validation")
     assert run.train_fn._cache_size() == 1 and run.eval_fn._cache_size() == 1
 
 
 def test_workdir_of_another_run_is_refused(tiny_config, tmp_path):
-    trainer.check_workdir(tiny_config, tmp_path)
+    setup_lib.write_config(tiny_config, tmp_path, "xla")
     other = tiny_config.copy_and_resolve_references()
     other.model.name = "cifar_cnn"
     with pytest.raises(CheckpointError, match="different run.*simple_cnn.*cifar_cnn"):
-        trainer.train_and_evaluate(other, tmp_path)
+        loop.train_and_evaluate(other, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model"] == {"name": "simple_cnn"}
 
 
 @pytest.mark.slow
 def test_test_every_epoch_writes_test_metrics_on_every_line(tiny_config, tmp_path):
     config = variant(tiny_config, test_every_epoch=True, **{"data.limit_examples": 128})
-    trainer.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     lines = metrics_lib.read_lines(tmp_path)
     assert [x["epoch"] for x in lines] == [1, 2]
     assert all({"test_loss", "test_accuracy"} <= set(x) for x in lines)
@@ -131,7 +128,7 @@ def test_test_every_epoch_writes_test_metrics_on_every_line(tiny_config, tmp_pat
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
     good = tiny_config.copy_and_resolve_references()
     good.num_epochs = 1
-    trainer.train_and_evaluate(good, tmp_path)
+    loop.train_and_evaluate(good, tmp_path)
     bad = tiny_config.copy_and_resolve_references()
     bad.learning_rate = 1e30  # nan is refused before training; this overflows at once
     # Update 17 (epoch 2's first) is computed from good weights, so its loss and gradients are
@@ -139,7 +136,7 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp
     # overflows float32 (two stacked 1e30-weight layers): 18 is the first bad step, named though
     # the run only looks at the metrics after update 21 (log_every_steps=5).
     with pytest.raises(TrainingDivergedError) as raised:
-        trainer.train_and_evaluate(bad, tmp_path)
+        loop.train_and_evaluate(bad, tmp_path)
     assert str(raised.value).startswith(
         "loss/gradients not finite at step 18 (epoch 2); the last good checkpoint (step 16, "
         "epoch 1) is kept"
@@ -155,9 +152,9 @@ def test_streaming_path_trains_and_evaluates_every_example(tiny_config, tmp_path
     config = tiny_config.copy_and_resolve_references()
     config.num_epochs = 1
     config.data.in_memory = "no"
-    run = trainer.setup(config, tmp_path)
-    assert not run.data.resident
-    line = trainer.train_and_evaluate(config, tmp_path)
+    run = setup_lib.setup(config, tmp_path)
+    assert isinstance(run.feed, StreamedFeed)
+    line = loop.train_and_evaluate(config, tmp_path)
     # One epoch of 16 steps: 0.6816 measured on seed 0; a floor 5 points below.
     assert line["test_accuracy"] > 0.63
     result = evaluate_run(tmp_path, split="test")  # streams too: the run's config says so
@@ -175,7 +172,7 @@ def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
     config.data.limit_examples = 256
     config.model.widths = (4, 8, 8)
     config.num_epochs, config.batch_size, config.warmup_epochs = 1, 32, 0.5
-    line = trainer.train_and_evaluate(config, tmp_path)
+    line = loop.train_and_evaluate(config, tmp_path)
     # 8 steps of a 4-8-8 net: 0.2539 measured on seed 0, chance 0.1; a floor at twice chance.
     assert line["test_accuracy"] > 0.2
 
@@ -183,7 +180,7 @@ def test_fashion_mnist_best_recipe_runs_end_to_end(fmnist_data_dir, tmp_path):
 @pytest.mark.slow
 def test_profile_traces_exactly_the_chosen_steps(tiny_config, tmp_path):
     config = variant(tiny_config, profile="3:2", **{"data.limit_examples": 128})
-    trainer.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     (run,) = (tmp_path / "profile" / "plugins" / "profile").iterdir()
     assert list(run.glob("*.xplane.pb"))  # TensorBoard's profile plugin reads these
     with gzip.open(run / "perfetto_trace.json.gz") as f:  # Perfetto's
@@ -193,11 +190,11 @@ def test_profile_traces_exactly_the_chosen_steps(tiny_config, tmp_path):
 
 
 def test_deterministic_needs_its_xla_flags_where_the_platform_has_them():
-    trainer.check_deterministic(True, "cpu", "")  # CPU runs are deterministic as they are
-    trainer.check_deterministic(False, "gpu", "")
-    trainer.check_deterministic(True, "gpu", "--xla_gpu_deterministic_ops=true")
+    setup_lib.check_deterministic(True, "cpu", "")  # CPU runs are deterministic as they are
+    setup_lib.check_deterministic(False, "gpu", "")
+    setup_lib.check_deterministic(True, "gpu", "--xla_gpu_deterministic_ops=true")
     with pytest.raises(ConfigError, match="needs XLA_FLAGS to hold --xla_gpu_deterministic_ops"):
-        trainer.check_deterministic(True, "gpu", "--xla_gpu_deterministic_ops=false")
+        setup_lib.check_deterministic(True, "gpu", "--xla_gpu_deterministic_ops=false")
 
 
 @pytest.mark.slow
@@ -205,7 +202,7 @@ def test_two_deterministic_runs_are_bit_identical(tiny_config, tmp_path):
     config = variant(tiny_config, deterministic=True, num_epochs=1, **{"data.limit_examples": 128})
     lines = []
     for name in ("a", "b"):
-        lines.append(trainer.train_and_evaluate(config, tmp_path / name))
+        lines.append(loop.train_and_evaluate(config, tmp_path / name))
         saved = json.loads((tmp_path / name / "config.json").read_text())
         assert saved["deterministic"] is True and "xla_flags" in saved
     timing = ("train_images_per_sec", "wall_s")

@@ -9,32 +9,28 @@ from conftest import variant
 
 from cnnjax import models
 from cnnjax.errors import CheckpointError
-from cnnjax.run import checkpoint
-from cnnjax.train import loop as trainer
-from cnnjax.train import optim, transfer
+from cnnjax.run import trained
+from cnnjax.train import loop, resume, transfer
+from cnnjax.train import setup as setup_lib
 from cnnjax.train.state import create_train_state
 
 
-def initial_params(config):
-    model = trainer.build_model(config, 10)
-    tx, _ = optim.create_optimizer(config, 16)
-    state = trainer.initial_state(config, model, tx, (28, 28, 1), trainer.parallel.make_mesh())
+def initial_params(config, workdir):
+    state = resume.initial_state(setup_lib.setup(config, workdir))
     return jax.device_get(state.params), jax.device_get(state.batch_stats)
 
 
 def restored(config, workdir):
-    run = trainer.setup(config, workdir)
-    model = trainer.build_model(config, 10)
-    tx, _ = optim.create_optimizer(config, run.steps_per_epoch)
-    state, _ = trainer.restore(run, checkpoint.run_manager(config, workdir, True), model, tx)
+    run = setup_lib.setup(config, workdir)
+    state, _ = resume.restore(run, trained.run_manager(config, workdir, True))
     return jax.device_get(state)
 
 
 @pytest.mark.slow
 def test_frozen_backbone_is_bit_identical(tiny_config, tmp_path):
     config = variant(tiny_config, **{"model.name": "cifar_cnn"}, num_epochs=1, freeze="backbone")
-    params0, stats0 = initial_params(config)
-    state = restored(config, tmp_path) if trainer.train_and_evaluate(config, tmp_path) else None
+    params0, stats0 = initial_params(config, tmp_path / "setup")
+    state = restored(config, tmp_path) if loop.train_and_evaluate(config, tmp_path) else None
     for name in params0:
         same = jax.tree.map(np.array_equal, params0[name], state.params[name])
         assert all(jax.tree.leaves(same)) == (name != "head"), name
@@ -49,20 +45,20 @@ def source(fmnist_data_dir, tmp_path_factory):
     config = configs.get("tiny")
     config.data.data_dir = fmnist_data_dir
     workdir = tmp_path_factory.mktemp("source")
-    trainer.train_and_evaluate(variant(config, num_epochs=1), workdir)
+    loop.train_and_evaluate(variant(config, num_epochs=1), workdir)
     return workdir
 
 
 @pytest.mark.slow
-def test_init_from_loads_matching_params_and_rejects_another_model(tiny_config, source):
+def test_init_from_loads_matching_params_and_rejects_another_model(tiny_config, source, tmp_path):
     pretrained = restored(tiny_config, source).params
     config = variant(tiny_config, init_from=str(source), seed=5)
-    loaded, _ = initial_params(config)
+    loaded, _ = initial_params(config, tmp_path)
     jax.tree.map(np.testing.assert_array_equal, pretrained, loaded)
 
     other = variant(tiny_config, **{"model.name": "cifar_cnn"}, init_from=str(source))
     with pytest.raises(CheckpointError, match="do not match the pretrained run.*block1_conv1"):
-        initial_params(other)
+        initial_params(other, tmp_path)
 
 
 @pytest.mark.slow

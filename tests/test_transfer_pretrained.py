@@ -28,11 +28,10 @@ from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CheckpointError, ConfigError, UnknownNameError
 from cnnjax.models.pretrained import hub
 from cnnjax.models.pretrained.weights import IMAGENET_MEAN, IMAGENET_STD
-from cnnjax.run import checkpoint
+from cnnjax.run import trained as trained_lib
+from cnnjax.tools import evaluate as evaluation
 from cnnjax.tools import predict as prediction
-from cnnjax.train import eval_steps as evaluation
-from cnnjax.train import loop as trainer
-from cnnjax.train import steps, transfer
+from cnnjax.train import loop, steps, transfer
 from cnnjax.train.state import init_variables
 
 tv = import_torchvision()
@@ -73,7 +72,7 @@ def run(fmnist_data_dir, resnet18_file, tmp_path_factory):
     """``(config, workdir)`` of the trained run."""
     config = pretrained_config(fmnist_data_dir, resnet18_file)
     workdir = tmp_path_factory.mktemp("from_torchvision")
-    trainer.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return config, workdir
 
 
@@ -87,7 +86,7 @@ def flat(tree) -> dict:
 @pytest.mark.slow
 def test_frozen_backbone_is_the_files_and_the_head_trained(run, resnet18_file):
     config, workdir = run
-    trained = checkpoint.load_run(workdir)
+    trained = trained_lib.load_run(workdir)
     _, weights = pretrained.load("resnet18", resnet18_file)
     for what in ("params", "batch_stats"):
         want = {k: v for k, v in flat(weights[what]).items() if not k.startswith("head/")}
@@ -116,7 +115,7 @@ def test_the_runs_preprocessing_is_recorded(run):
         "method": "bilinear",
         "resize_size": None,
     }
-    trained = checkpoint.load_run(workdir)
+    trained = trained_lib.load_run(workdir)
     assert trained.image_shape == (28, 28, 1)  # what the pipeline and image files give
     assert trained.input_shape == (IMAGE_SIZE, IMAGE_SIZE, 3)  # what the model takes
 
@@ -134,7 +133,7 @@ def reference_inputs(images: np.ndarray) -> jax.Array:
 def test_predictor_applies_the_runs_preprocessing(run, fmnist_data_dir):
     _, workdir = run
     predictor = prediction.load_predictor(workdir)
-    trained = checkpoint.load_run(workdir)
+    trained = trained_lib.load_run(workdir)
     builder = pipeline.tfds_lib.builder("fashion_mnist", fmnist_data_dir)
     images = pipeline.load_arrays(builder, "test", limit=8)["image"]
     got = predictor.predict(images)

@@ -22,10 +22,11 @@ import pytest
 
 from cnnjax.configs import validation
 from cnnjax.errors import CheckpointError
-from cnnjax.run import checkpoint
+from cnnjax.run import checkpoint, trained
 from cnnjax.run import workdir as workdir_lib
-from cnnjax.train import eval_steps as evaluation
-from cnnjax.train import loop as trainer
+from cnnjax.tools import evaluate as evaluation
+from cnnjax.train import loop
+from cnnjax.train import setup as setup_lib
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_POINTS = REPO / "tests" / "kill_points"
@@ -153,7 +154,7 @@ def refuse_before_setup(monkeypatch):
     def setup(*_):
         raise AssertionError("training started: the workdir should have been refused")
 
-    monkeypatch.setattr(trainer, "setup", setup)
+    monkeypatch.setattr(setup_lib, "setup", setup)
 
 
 def test_unwritable_workdirs_are_refused_before_training(tiny_config, tmp_path, monkeypatch):
@@ -165,7 +166,7 @@ def test_unwritable_workdirs_are_refused_before_training(tiny_config, tmp_path, 
     }
     for workdir, fragment in cases.items():
         with pytest.raises(CheckpointError, match=fragment):
-            trainer.train_and_evaluate(tiny_config, workdir)
+            loop.train_and_evaluate(tiny_config, workdir)
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
     # Permission denied (root is never denied: the errno is injected into the probe's open).
@@ -178,7 +179,7 @@ def test_unwritable_workdirs_are_refused_before_training(tiny_config, tmp_path, 
 
     monkeypatch.setattr(os, "open", denying_open)
     with pytest.raises(CheckpointError, match=r"w is not writable: .*Permission denied"):
-        trainer.train_and_evaluate(tiny_config, tmp_path / "w")
+        loop.train_and_evaluate(tiny_config, tmp_path / "w")
     assert not any((tmp_path / "w").iterdir())
 
 
@@ -186,9 +187,9 @@ def test_read_only_workdir_is_refused_before_training(tiny_config, tmp_path, mon
     refuse_before_setup(monkeypatch)
     ro = mounts(tmp_path / "ro", "ro,size=1m")
     with pytest.raises(CheckpointError, match=r"ro is not writable: .*Read-only file system"):
-        trainer.train_and_evaluate(tiny_config, ro)
+        loop.train_and_evaluate(tiny_config, ro)
     with pytest.raises(CheckpointError, match=r"ro/w cannot be created: .*Read-only file system"):
-        trainer.train_and_evaluate(tiny_config, ro / "w")
+        loop.train_and_evaluate(tiny_config, ro / "w")
     assert not any(ro.iterdir())
 
 
@@ -358,7 +359,7 @@ def test_full_disk_during_a_save_keeps_the_last_checkpoint(fmnist_data_dir, tmp_
     assert before and all(p.startswith("16/") for p in before)
     after = {f"16/{k}": v for k, v in snapshot(workdir / "checkpoints" / "16").items()}
     assert after == before  # the committed checkpoint is byte for byte what it was
-    run = checkpoint.load_run(workdir)
+    run = trained.load_run(workdir)
     assert (run.step, run.epoch) == (16, 1)
     assert evaluation.evaluate_run(workdir)["step"] == 16  # evaluates (the disk still full)
 

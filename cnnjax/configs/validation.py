@@ -2,24 +2,19 @@
 
 ``RULES`` maps every documented key (``cnnjax/configs/default.py``) to what it accepts; keys
 chosen by name (``model``, ``optimizer``, ``schedule``, ``augment``) are checked against their
-registries by ``trainer.validate_names``. ``check(config)`` raises a one-line ``ConfigError``
+registries by ``setup_lib.validate_names``. ``check(config)`` raises a one-line ``ConfigError``
 naming the key, the value and the valid range::
 
     --config.num_epochs=-1 must be an integer >= 1
-
-``check_workdir(path)`` makes sure the run directory is one (or can be created), naming the
-path that stands in the way.
 """
 
 import re
-from pathlib import Path
 
 from cnnjax import rules as r
-from cnnjax.errors import CheckpointError, ConfigError
+from cnnjax.errors import ConfigError
 from cnnjax.models.common import REMAT_CHOICES
-from cnnjax.run import workdir as workdir_lib
 
-# The keys of every metrics.jsonl epoch line (trainer.epoch_line), so a checkpoint can be ranked
+# The keys of every metrics.jsonl epoch line (hooks.epoch_line), so a checkpoint can be ranked
 # by any of them; test_* metrics exist on the last epoch only and cannot rank checkpoints.
 EPOCH_METRICS = (
     "eval_accuracy",
@@ -93,7 +88,7 @@ RULES: dict[str, r.Rule] = {
     "checkpointing.best_metric": r.choice(*EPOCH_METRICS),
     "checkpointing.best_mode": r.choice("max", "min"),
 }
-# Checked by name against a registry (trainer.validate_names), not here.
+# Checked by name against a registry (setup_lib.validate_names), not here.
 NAMED = ("model", "optimizer", "schedule", "augment")
 
 # (key, the key bounding it from above): key <= bound, checked after RULES.
@@ -141,36 +136,3 @@ def check(config) -> None:
                 raise ConfigError(
                     f"--config.{key}={shown(value)} must be at most --config.{bound}={shown(limit)}"
                 )
-
-
-def check_workdir(workdir, create: bool = True) -> Path:
-    """Creates the run directory ``workdir`` if needed (only if ``create``: the first process
-    of a multi-host run); returns it.
-
-    Raises:
-      CheckpointError: ``workdir`` is a file, lies under one, or cannot be created or written
-        (the message names the path and the reason), or holds a damaged ``config.json``.
-    """
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise CheckpointError(f"--workdir={workdir} is a file, not a directory")
-    if not create:
-        return workdir
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        where = e.filename or workdir
-        raise CheckpointError(
-            f"--workdir={workdir} cannot be created: {where}: {e.strerror or e}"
-        ) from None
-    try:  # by creating a file: root passes os.access on a read-only mount
-        workdir_lib.probe_writable(workdir)
-    except OSError as e:
-        raise CheckpointError(
-            f"--workdir={workdir} is not writable: {e.filename or workdir}: {e.strerror or e}"
-        ) from None
-    if (workdir / "config.json").exists():  # a run to resume: its config must be readable
-        from cnnjax.run import checkpoint
-
-        checkpoint.load_run_config(workdir)
-    return workdir

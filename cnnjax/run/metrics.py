@@ -3,12 +3,19 @@
 
 import json
 import math
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
+import psutil
 
 from cnnjax.run.workdir import REASONS, writing
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started (imports included): metrics.jsonl's ``wall_s``."""
+    return time.time() - psutil.Process().create_time()
 
 
 def means(sums: dict, prefix: str) -> dict:

@@ -49,7 +49,7 @@ import numpy as np
 
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CnnjaxError, ConfigError
-from cnnjax.run import checkpoint
+from cnnjax.run import trained
 from cnnjax.tools import predict as prediction
 from cnnjax.train.state import TrainState
 
@@ -98,7 +98,7 @@ def export_run(workdir, out, step: int | None = None, **kwargs) -> dict:
     """
     check_out(out)
     check_formats(kwargs.get("formats"), kwargs.get("saved_model", True))
-    run = checkpoint.load_run(workdir, step)
+    run = trained.load_run(workdir, step)
     source = {"workdir": str(Path(workdir).absolute()), "step": run.step}
     source["model"] = run.config.model.to_dict()
     source["dataset"] = run.info.name

@@ -38,7 +38,7 @@ from cnnjax import models, plots
 from cnnjax.data import preprocessing
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError, unknown_name
-from cnnjax.run import checkpoint
+from cnnjax.run import trained
 from cnnjax.tools import predict as prediction
 from cnnjax.train import steps
 from cnnjax.train.state import init_variables
@@ -591,7 +591,7 @@ def load_model(
 def _restore(workdir: Path, step: int | None) -> LoadedModel:
     """A trained run's model with the weights evaluation uses (the EMA when the run keeps
     one)."""
-    run = checkpoint.load_run(workdir, step)
+    run = trained.load_run(workdir, step)
     return LoadedModel(run.model, run.variables, run.input_shape, run.info, run.config)
 
 
@@ -620,7 +620,11 @@ def load_inputs(
     # A run's own preprocessing (a run from torchvision weights resizes and makes RGB).
     preprocess = preprocessing.of(info) if info else Preprocess.normalize_only((0.0,), (1.0,))
     if image_files:
-        shape = checkpoint.data_image_shape(loaded.config, info) if info else loaded.image_shape
+        shape = (
+            trained.data_image_shape(info, loaded.config.data.get("image_size"))
+            if info
+            else loaded.image_shape
+        )
         raw = np.stack(
             [
                 prediction.load_image(f, shape, preprocess.resize_size, preprocess.method)

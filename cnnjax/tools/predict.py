@@ -4,7 +4,7 @@ converted to what the model was trained on, and top-k results.
 ``python -m cnnjax.predict`` is the command line; ``predict_files`` and ``load_predictor`` (or
 ``load_pretrained_predictor``: torchvision's ImageNet classifiers) are what it calls. Images go
 through the run's ``Preprocess`` (``cnnjax.data.preprocessing``), as in training. The dataset itself
-is never loaded: ``checkpoint.load_run`` restores the model from ``WORKDIR/config.json``,
+is never loaded: ``trained.load_run`` restores the model from ``WORKDIR/config.json``,
 ``WORKDIR/dataset.json`` and a checkpoint.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CnnjaxError, ConfigError
-from cnnjax.run import checkpoint
+from cnnjax.run import trained
 from cnnjax.train import parallel, steps
 from cnnjax.train.state import TrainState
 
@@ -99,7 +99,7 @@ def load_predictor(workdir, step: int | None = None) -> Predictor:
     Raises:
       CheckpointError: not a run directory, no such checkpoint, or one that does not fit.
     """
-    run = checkpoint.load_run(workdir, step)
+    run = trained.load_run(workdir, step)
     return Predictor(
         state=run.state,
         image_shape=run.image_shape,

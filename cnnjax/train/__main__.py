@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from cnnjax import cli, configs
 from cnnjax import distributed as _distributed  # noqa: F401  (the multi-process flags)
-from cnnjax.train import loop as trainer
+from cnnjax.train import loop
 
 # accept_new_attributes: model attributes (--config.model.small_input=True) need not be in the
 # preset; every other unknown key is refused by configs.check_keys, naming the closest one.
@@ -38,7 +38,7 @@ def main(argv):
     path = flags.FLAGS["config"].config_filename  # type: ignore[attr-defined]
     configs.check_keys(_CONFIG.value, configs.load(path))
     workdir = _WORKDIR.value or str(Path("checkpoints") / Path(path.split(":")[0]).stem)
-    trainer.train_and_evaluate(_CONFIG.value, workdir)
+    loop.train_and_evaluate(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

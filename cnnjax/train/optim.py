@@ -71,17 +71,19 @@ OPTIMIZERS: Registry[Callable] = Registry(
 _DECOUPLED = {"adamw", "lamb", "lion"}
 
 
-def create_optimizer(config, steps_per_epoch: int):
+def create_optimizer(config, steps_per_epoch: int, skip_nonfinite: int | None = None):
     """Returns ``(tx, schedule)``: ``config.optimizer`` with masked weight decay and optional
     gradient clipping, and for transfer learning a ``multi_transform`` that gives parameters
     matching ``config.freeze`` zero updates and those matching ``config.finetune`` the learning
     rate times ``config.finetune_lr_factor``. With ``config.skip_nonfinite`` (N > 0) the whole
     of it is wrapped in ``optax.apply_if_finite``: an update whose gradients are not all finite
     is dropped (zero update, inner state unchanged), up to N in a row; optax applies the next
-    one anyway, so the trainer stops at the N-th (``trainer.check_steps``)."""
+    one anyway, so the trainer stops at the N-th (``hooks.check_steps``). ``skip_nonfinite``
+    overrides the config's (to restore a checkpoint written with it set the other way)."""
     tx, schedule = _grouped_optimizer(config, steps_per_epoch)
-    if config.skip_nonfinite:
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite)
+    skip = config.skip_nonfinite if skip_nonfinite is None else skip_nonfinite
+    if skip:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=skip)
     return tx, schedule
 
 

@@ -1,4 +1,4 @@
-"""Pure, unjitted train and eval steps. ``trainer.py`` jits each exactly once.
+"""Pure, unjitted train and eval steps. ``loop.py`` jits each exactly once.
 
 A batch is a dict: ``image`` (N, H, W, C) already normalised, ``label`` (N,) int32, and for
 evaluation ``mask`` (N,) marking real examples (padding fills the last batch). Metrics are sums

@@ -17,7 +17,7 @@ import numpy as np
 
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CheckpointError, ConfigError
-from cnnjax.run import checkpoint
+from cnnjax.run import trained
 from cnnjax.train.state import path_str
 
 # Parameters under this prefix may change shape (a new classifier for another class count).
@@ -105,7 +105,7 @@ def run_preprocess(config) -> Preprocess | None:
         return weights_preprocess(spec, config.data.get("image_size"))
     if config.init_from:
         try:
-            return checkpoint.load_dataset_info(config.init_from).preprocess
+            return trained.load_dataset_info(config.init_from).preprocess
         except CheckpointError as e:
             raise CheckpointError(f"init_from: {e}") from None
     return None
@@ -129,7 +129,7 @@ def read_pretrained(workdir) -> dict:
     """``{"params": ..., "batch_stats": ...}`` of another run's best checkpoint (its trained
     weights, not the EMA)."""
     try:
-        run = checkpoint.load_run(workdir)
+        run = trained.load_run(workdir)
     except CheckpointError as e:
         raise CheckpointError(f"init_from: {e}") from None
     return {"params": run.state.params, "batch_stats": run.state.batch_stats}

@@ -11,7 +11,7 @@ the JSON file ``CNNJAX_PAUSE_MARKER`` and waits there to be SIGKILLed:
   written under a temporary name and not yet renamed, while the main thread trains on.
 - ``preempted:N``: the commit of the preemption checkpoint of step N (``WORKDIR/preempted``),
   written under a temporary name and not yet renamed.
-- ``setup:1``: the start of ``trainer.setup`` (start-up: config.json written, no data read yet).
+- ``setup:1``: the start of ``setup_lib.setup`` (start-up: config.json written, no data read yet).
 - ``eval:N``: the N-th validation result of this process, before the epoch's metrics line, its
   test evaluation and its checkpoint.
 
@@ -115,15 +115,15 @@ def _install(phase: str, n: int) -> None:
 
         metrics.means = paused_means
     elif phase == "setup":
-        from cnnjax.train import loop as trainer
+        from cnnjax.train import setup as setup_lib
 
-        setup = trainer.setup
+        setup = setup_lib.setup
 
         def paused_setup(config, workdir):
             _pause("setup")
             return setup(config, workdir)
 
-        trainer.setup = paused_setup
+        setup_lib.setup = paused_setup
     else:
         phases = "step, save, preempted, eval, setup"
         raise ValueError(f"CNNJAX_PAUSE: unknown phase {phase!r} ({phases})")
