@@ -10,6 +10,23 @@ import numpy as np
 
 from cnnjax.run.workdir import REASONS, writing
 
+# Prefixes of the loss and accuracy of each role: training batches, validation split, test split.
+TRAIN, EVAL, TEST = "train", "eval", "test"
+# The keys of every metrics.jsonl epoch line besides "epoch", so a checkpoint can be ranked by any
+# of them (checkpointing.best_metric). Some lines have more: test_loss and test_accuracy (the last
+# epoch, or every one with test_every_epoch), skipped_updates (skip_nonfinite > 0), mfu (where
+# the device's peak is known); none of these can rank checkpoints.
+EPOCH_METRICS = (
+    f"{EVAL}_accuracy",
+    f"{EVAL}_loss",
+    f"{TRAIN}_accuracy",
+    f"{TRAIN}_loss",
+    "learning_rate",
+    "step",
+    "train_images_per_sec",
+    "wall_s",
+)
+
 
 def means(sums: dict, prefix: str) -> dict:
     """Metric sums (``loss``, ``correct``, ``count``) -> ``{prefix_loss, prefix_accuracy}``."""
