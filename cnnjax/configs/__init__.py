@@ -16,7 +16,7 @@ from cnnjax.errors import ConfigError
 from cnnjax.registry import Registry
 
 PRESETS_DIR = Path(__file__).parent
-_NOT_PRESETS = ("validation",)  # modules of this package that hold code, not a get_config()
+_NOT_PRESETS = ("keys", "validation")  # modules of this package that hold code, not a get_config()
 PRESETS: Registry[Path] = Registry(
     "config preset",
     {

@@ -12,10 +12,32 @@ import psutil
 
 from cnnjax.run.workdir import REASONS, writing
 
+# Prefixes of the loss and accuracy of each role: training batches, validation split, test split.
+TRAIN, EVAL, TEST = "train", "eval", "test"
+# The keys of every metrics.jsonl epoch line besides "epoch", so a checkpoint can be ranked by any
+# of them (checkpointing.best_metric). Some lines have more: test_loss and test_accuracy (the last
+# epoch, or every one with test_every_epoch), skipped_updates (skip_nonfinite > 0), mfu (where
+# the device's peak is known); none of these can rank checkpoints.
+EPOCH_METRICS = (
+    f"{EVAL}_accuracy",
+    f"{EVAL}_loss",
+    f"{TRAIN}_accuracy",
+    f"{TRAIN}_loss",
+    "learning_rate",
+    "step",
+    "train_images_per_sec",
+    "wall_s",
+)
+
 
 def wall_seconds() -> float:
     """Seconds since this process started (imports included): metrics.jsonl's ``wall_s``."""
     return time.time() - psutil.Process().create_time()
+
+
+def prefix_of(role: str) -> str:
+    """The metric prefix of an eval split's role: ``test`` for test, ``eval`` for validation."""
+    return TEST if role == "test" else EVAL
 
 
 def means(sums: dict, prefix: str) -> dict:

@@ -34,7 +34,7 @@ def evaluate_run(workdir, step: int | None = None, split: str = "test") -> dict:
         "step": run.step,
         "epoch": run.epoch,
         "split": split,
-        **metrics_lib.means(sums, "test" if split == "test" else "eval"),
+        **metrics_lib.means(sums, metrics_lib.prefix_of(split)),
         "per_class_accuracy": (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist(),
         "class_names": list(run.info.class_names),
         "confusion": confusion.astype(int).tolist(),
@@ -43,7 +43,7 @@ def evaluate_run(workdir, step: int | None = None, split: str = "test") -> dict:
 
 def format_report(result: dict) -> str:
     """A readable report of ``evaluate_run``'s result."""
-    prefix = "test" if result["split"] == "test" else "eval"
+    prefix = metrics_lib.prefix_of(result["split"])
     lines = [
         f"checkpoint step {result['step']} (epoch {result['epoch']}), split {result['split']}",
         f"loss {result[prefix + '_loss']:.4f}  accuracy {result[prefix + '_accuracy']:.4f}",

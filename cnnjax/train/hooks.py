@@ -73,7 +73,7 @@ class Progress:
     def log(self, step: int, acc, start: float, i: int) -> None:
         """After batch ``i`` of the epoch (global ``step``), timed from ``start``."""
         s = self.run.settings
-        m = metrics_lib.means(acc, "train")
+        m = metrics_lib.means(acc, metrics_lib.TRAIN)
         rate = (i + 1) * s.batch_size / max(time.perf_counter() - start, 1e-9)
         self.bar.set_postfix(
             loss=f"{m['train_loss']:.4f}", acc=f"{m['train_accuracy']:.4f}", img_s=f"{rate:.0f}"
@@ -89,7 +89,7 @@ def split_metrics(run: Run, state, role: str) -> dict:
     """``{eval|test}_loss`` and ``_accuracy`` on split ``role`` (validation or test)."""
     batches = preemption.interruptible(run.feed.eval_batches(role))
     sums = eval_steps.eval_sums(run.eval_fn, state, batches, run.mesh, run.info.num_classes)
-    return metrics_lib.means(sums, "test" if role == "test" else "eval")
+    return metrics_lib.means(sums, metrics_lib.prefix_of(role))
 
 
 def epoch_line(run: Run, state, epoch: int, train_m: dict, ips: float) -> dict:

@@ -98,7 +98,9 @@ def fit(run: Run, state, done: int, mngr, writer, position: Position | None = No
         except hooks.NonFiniteStep as e:
             raise hooks.diverged(run, mngr, str(e)) from None
         try:
-            line = hooks.epoch_line(run, state, epoch, metrics_lib.means(acc, "train"), ips)
+            line = hooks.epoch_line(
+                run, state, epoch, metrics_lib.means(acc, metrics_lib.TRAIN), ips
+            )
         except preemption.Interrupted as e:  # the epoch's steps are done: keep them
             at = Position(epoch, run.steps_per_epoch, acc)
             resume.preempt(run, state, at, int(state.step), e.signum)
