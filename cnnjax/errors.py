@@ -34,3 +34,7 @@ class TrainingDivergedError(CnnjaxError):
 def unknown_name(kind: str, name: str, valid) -> UnknownNameError:
     """The standard 'unknown X' error that lists the valid names."""
     return UnknownNameError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(valid))}")
+
+
+class ExportError(CnnjaxError):
+    """An export directory that cannot be written, or read back (``tools.export``)."""

@@ -14,9 +14,9 @@ from cnnjax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cnnjax.run import checkpoint
 from cnnjax.run import metrics as metrics_lib
 from cnnjax.tools import summary
+from cnnjax.tools.evaluate import evaluate_run
 from cnnjax.train import hooks, loop, resume
 from cnnjax.train import setup as setup_lib
-from cnnjax.train.eval_steps import evaluate_run
 
 LINE_KEYS = {
     "epoch",

@@ -9,6 +9,7 @@ import pytest
 from cnnjax import configs, models, rules
 from cnnjax.configs import validation
 from cnnjax.errors import CheckpointError, ConfigError, InputTooSmallError
+from cnnjax.run import trained
 from cnnjax.train.state import init_variables
 
 
@@ -103,13 +104,13 @@ def test_rule_sentences():
 def test_workdir_checks(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(CheckpointError, match="afile is a file, not a directory"):
-        validation.check_workdir(tmp_path / "afile")
+        trained.check_workdir(tmp_path / "afile")
     with pytest.raises(CheckpointError, match=r"afile/w cannot be created: .*Not a directory"):
-        validation.check_workdir(tmp_path / "afile" / "w")
-    assert validation.check_workdir(tmp_path / "a" / "b").is_dir()
+        trained.check_workdir(tmp_path / "afile" / "w")
+    assert trained.check_workdir(tmp_path / "a" / "b").is_dir()
     (tmp_path / "a" / "b" / "config.json").write_text('{"mod')  # a run killed mid-write
     with pytest.raises(CheckpointError, match="config.json is unreadable"):
-        validation.check_workdir(tmp_path / "a" / "b")
+        trained.check_workdir(tmp_path / "a" / "b")
 
 
 def test_images_too_small_for_a_model_are_a_config_error():

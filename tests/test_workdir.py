@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from cnnjax.configs import validation
 from cnnjax.errors import CheckpointError
 from cnnjax.run import checkpoint, trained
 from cnnjax.run import workdir as workdir_lib
@@ -194,7 +193,7 @@ def test_read_only_workdir_is_refused_before_training(tiny_config, tmp_path, mon
 
 
 def test_probe_creates_a_file_and_leaves_none(tmp_path):
-    validation.check_workdir(tmp_path / "w")
+    trained.check_workdir(tmp_path / "w")
     assert list((tmp_path / "w").iterdir()) == []
 
 

@@ -1,6 +1,7 @@
-"""Opening a trained run: ``load_run`` reads its ``config.json`` and ``dataset.json`` (the one
-schema of a run directory's JSON files) and restores an eval-ready state from its best (or a
-chosen) checkpoint, building no optimizer and reading no dataset.
+"""A run directory's JSON files (``config.json``, ``dataset.json``: their one schema), the one
+check of a workdir before training touches it (``check_workdir``), and opening a trained run:
+``load_run`` restores an eval-ready state from its best (or a chosen) checkpoint, building no
+optimizer and reading no dataset.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ from cnnjax.data import preprocessing
 from cnnjax.data.pipeline import DatasetInfo
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.run import checkpoint
+from cnnjax.run import workdir as workdir_lib
 from cnnjax.train import parallel
 from cnnjax.train.state import TrainState, init_variables, path_str
 
@@ -198,3 +200,58 @@ def eval_target(model, input_shape, ema: bool, mesh) -> dict:
     if ema:
         target["ema_params"] = variables["params"]
     return checkpoint.abstract_with_sharding(target, parallel.replicated(mesh))
+
+
+# Config keys that define what a workdir's checkpoints contain: resuming with other values
+# would fail to restore or silently mix two different runs.
+IDENTITY_KEYS = ("model", "dataset", "optimizer", "dtype")
+
+
+def check_workdir(workdir, create: bool = True, config: dict | None = None) -> Path:
+    """The one check of a run directory, before training touches it: creates ``workdir`` if
+    needed (only if ``create``: the first process of a multi-host run) and returns it. A
+    workdir that holds a run must hold a readable ``config.json`` and, given the ``config``
+    (as JSON) about to train there, the same run: its ``IDENTITY_KEYS`` equal.
+
+    Raises:
+      CheckpointError: ``workdir`` is a file, lies under one, or cannot be created or written
+        (the message names the path and the reason), holds a damaged ``config.json`` or a
+        different run.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"--workdir={workdir} is a file, not a directory")
+    if create:
+        _create(workdir)
+    if (workdir / "config.json").exists():  # a run to resume: its config must be readable
+        _check_same_run(workdir, config)
+    return workdir
+
+
+def _create(workdir: Path) -> None:
+    """Creates ``workdir`` and proves it writable (CheckpointError naming the path if not)."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = e.filename or workdir
+        raise CheckpointError(
+            f"--workdir={workdir} cannot be created: {where}: {e.strerror or e}"
+        ) from None
+    try:  # by creating a file: root passes os.access on a read-only mount
+        workdir_lib.probe_writable(workdir)
+    except OSError as e:
+        raise CheckpointError(
+            f"--workdir={workdir} is not writable: {e.filename or workdir}: {e.strerror or e}"
+        ) from None
+
+
+def _check_same_run(workdir: Path, config: dict | None) -> None:
+    """Refuses a damaged ``config.json``, or one of another run than ``config``'s."""
+    saved = load_run_config(workdir).to_dict()
+    diff = [k for k in IDENTITY_KEYS if config and k in saved and saved[k] != config.get(k)]
+    if diff:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {config.get(k)!r}" for k in diff)
+        raise CheckpointError(
+            f"workdir {workdir} holds a different run ({details}); use another --workdir "
+            "or the original config"
+        )

@@ -28,7 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
-from cnnjax.errors import CheckpointError, CnnjaxError
+from cnnjax.errors import CnnjaxError
 
 LOCK_FILE = "train.lock"
 PROBE_PREFIX = ".cnnjax-write-probe-"
@@ -329,60 +329,3 @@ def disk_errors(workdir):
     finally:
         if not reported:
             quiet.remove()
-
-
-# Config keys that define what a workdir's checkpoints contain: resuming with other values
-# would fail to restore or silently mix two different runs.
-IDENTITY_KEYS = ("model", "dataset", "optimizer", "dtype")
-
-
-def check_workdir(workdir, create: bool = True, config: dict | None = None) -> Path:
-    """The one check of a run directory, before training touches it: creates ``workdir`` if
-    needed (only if ``create``: the first process of a multi-host run) and returns it. A
-    workdir that holds a run must hold a readable ``config.json`` and, given the ``config``
-    (as JSON) about to train there, the same run: its ``IDENTITY_KEYS`` equal.
-
-    Raises:
-      CheckpointError: ``workdir`` is a file, lies under one, or cannot be created or written
-        (the message names the path and the reason), holds a damaged ``config.json`` or a
-        different run.
-    """
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise CheckpointError(f"--workdir={workdir} is a file, not a directory")
-    if create:
-        _create(workdir)
-    if (workdir / "config.json").exists():  # a run to resume: its config must be readable
-        _check_same_run(workdir, config)
-    return workdir
-
-
-def _create(workdir: Path) -> None:
-    """Creates ``workdir`` and proves it writable (CheckpointError naming the path if not)."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        where = e.filename or workdir
-        raise CheckpointError(
-            f"--workdir={workdir} cannot be created: {where}: {e.strerror or e}"
-        ) from None
-    try:  # by creating a file: root passes os.access on a read-only mount
-        probe_writable(workdir)
-    except OSError as e:
-        raise CheckpointError(
-            f"--workdir={workdir} is not writable: {e.filename or workdir}: {e.strerror or e}"
-        ) from None
-
-
-def _check_same_run(workdir: Path, config: dict | None) -> None:
-    """Refuses a damaged ``config.json``, or one of another run than ``config``'s."""
-    from cnnjax.run import trained  # models and configs: above this module
-
-    saved = trained.load_run_config(workdir).to_dict()
-    diff = [k for k in IDENTITY_KEYS if config and k in saved and saved[k] != config.get(k)]
-    if diff:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {config.get(k)!r}" for k in diff)
-        raise CheckpointError(
-            f"workdir {workdir} holds a different run ({details}); use another --workdir "
-            "or the original config"
-        )

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.data.preprocessing import Preprocess
-from cnnjax.errors import CnnjaxError, ConfigError
+from cnnjax.errors import ConfigError, ExportError
 from cnnjax.run import trained
 from cnnjax.tools import predict as prediction
 from cnnjax.train.state import TrainState
@@ -72,10 +72,6 @@ COMPATIBILITY = (
     "StableHLO and has the same window for the TensorFlow that serves it. model.onnx holds no "
     "StableHLO: runtimes that implement its ONNX opset run it."
 )
-
-
-class ExportError(CnnjaxError):
-    """An export directory that cannot be written, or read back."""
 
 
 def export_run(workdir, out, step: int | None = None, **kwargs) -> dict:

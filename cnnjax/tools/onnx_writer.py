@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from cnnjax.tools.export import ExportError
+from cnnjax.errors import ExportError
 
 # Opset 17 (ONNX 1.12, 2022) rather than jax2onnx's default, 23: every zoo family converts to it
 # (tests/test_export_onnx.py), and runtimes that lag the newest opsets read it.

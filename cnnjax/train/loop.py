@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from cnnjax.run import checkpoint
+from cnnjax.run import checkpoint, trained
 from cnnjax.run import metrics as metrics_lib
 from cnnjax.run import workdir as workdir_lib
 from cnnjax.train import eval_steps, hooks, preemption, resume
@@ -41,7 +41,7 @@ def train_and_evaluate(config, workdir) -> dict:
         try:
             conv_backend = setup_lib.check(config)
             current = json.loads(config.to_json_best_effort())
-            workdir = workdir_lib.check_workdir(workdir, jax.process_index() == 0, current)
+            workdir = trained.check_workdir(workdir, jax.process_index() == 0, current)
             first = jax.process_index() == 0
             with workdir_lib.lock(workdir, first), workdir_lib.disk_errors(workdir):
                 return train_locked(config, workdir, conv_backend)
