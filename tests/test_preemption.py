@@ -29,10 +29,10 @@ from cnnjax.run import checkpoint
 from cnnjax.train import preemption
 
 # Signal to exit: the step in flight + the preemption save + closing the run and the interpreter
-# (JAX, Orbax, TensorBoard). Measured (README "Preemption", 2 cores at load average 7-10): a step
-# 75-200 ms, the save 0.2-0.3 s, signal to exit 3.4-7.0 s in all. 30 s is over 4 times the
-# worst of those; a stop that waited for the rest of the epoch, an evaluation or a hang would
-# exceed it.
+# (JAX, Orbax, TensorBoard). Measured (docs/reliability.md, "Preemption", 2 cores at load
+# average 7-10): a step 75-200 ms, the save 0.2-0.3 s, signal to exit 3.4-7.0 s in all. 30 s is
+# over 4 times the worst of those; a stop that waited for the rest of the epoch, an evaluation
+# or a hang would exceed it.
 EXIT_BOUND_S = 30.0
 
 

@@ -54,8 +54,8 @@ def restored(config, workdir):
 @pytest.mark.slow
 def test_bfloat16_trains_like_float32(tiny_config, tmp_path):
     # A short real run: the default recipe for 100 steps on 12,800 images, tested on all 10,000
-    # test images. Gradient clipping as the README advises for bf16 (without it, this warmup to
-    # lr 0.2 collapses the bf16 run).
+    # test images. Gradient clipping as docs/training.md advises for bf16 (without it, this warmup
+    # to lr 0.2 collapses the bf16 run).
     recipe = {"optimizer": "sgd", "learning_rate": 0.2, "schedule": "onecycle", "num_epochs": 1}
     recipe |= {"batch_size": 128, "label_smoothing": 0.1, "weight_decay": 5e-4}
     recipe |= {"grad_clip_norm": 1.0, "data.limit_examples": 12800, "data.eval_batch_size": 1000}

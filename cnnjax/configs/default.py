@@ -4,7 +4,7 @@ Run:
     python -m cnnjax.train                       # into checkpoints/default
     python -m cnnjax.train --config=default --workdir=/tmp/fmnist --config.num_epochs=3
 
-Reaches ~92-93% test accuracy (see the README for the measured figure and time).
+Reaches ~92-93% test accuracy (docs/results.md has the measured figure and time).
 
 ``KEYS`` declares every training config key once: its default, what it accepts (the rule
 ``cnnjax.configs.validation.check`` applies, or ``ByName``: checked against a registry by the
