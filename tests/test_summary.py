@@ -13,6 +13,7 @@ import pytest
 
 from cnnjax import models
 from cnnjax.cli import parse_shape
+from cnnjax.nn.layers import BatchNorm
 from cnnjax.tools.summary import SummaryTable, summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +120,60 @@ def test_layer_owning_params_beside_submodules_is_counted():
     assert sum(r.params for r in table.rows) == table.params
     block = {r.path: r for r in table.rows}["stage1_block1"]
     assert block.params == 16 and block.output_shape == (2, 32, 32, 16)
+
+
+class _Norms(nn.Module):
+    """Only BatchNorms: cnnjax's (its __call__ calls nn.BatchNorm's, the same module) and
+    Flax's."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = BatchNorm(train=train, name="bn")(x)
+        return nn.BatchNorm(use_running_average=not train, name="flax_bn")(x)
+
+
+@pytest.mark.parametrize(
+    "model,shape",
+    [
+        (models.get("resnet20", num_classes=10), (32, 32, 3)),
+        (models.get("mobilenet_v2", num_classes=10), (32, 32, 3)),
+        (_Norms(), (4, 4, 3)),
+    ],
+    ids=["resnet20", "mobilenet_v2", "batchnorm_only"],
+)
+def test_one_row_per_layer_holding_all_its_variables(model, shape):
+    """Each layer is one row (a BatchNorm too, whose __call__ calls nn.BatchNorm's), its
+    params trainable, its batch_stats non-trainable; rows and totals add up to the variables."""
+    table = summary(model, shape, print_fn=None)
+    paths = [r.path for r in table.rows]
+    assert len(paths) == len(set(paths))
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    size = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
+    assert table.params == sum(r.params for r in table.rows) == size(variables["params"])
+    assert table.state == sum(r.state for r in table.rows) == size(variables["batch_stats"])
+    assert table.params + table.state == size(variables)
+    norms = [r for r in table.rows if r.module == "BatchNorm"]
+    assert norms and all(r.params == r.state > 0 for r in norms)  # scale, bias | mean, var
+
+
+class _SharedDense(nn.Module):
+    """One Dense layer applied twice."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dense = nn.Dense(3, name="shared")
+        return dense(dense(x))
+
+
+def test_a_layer_called_twice_is_one_row_with_both_calls_macs():
+    lines = []
+    table = summary(_SharedDense(), (2, 2, 3), print_fn=lines.append)
+    (row,) = table.rows
+    assert (row.path, row.calls, row.output_shape) == ("shared", 2, (1, 2, 2, 3))
+    assert row.params == table.params == 3 * 3 + 3  # counted once
+    assert row.macs == table.macs == 2 * (2 * 2 * 3 * 3)  # each call: 4 positions x 3 x 3
+    assert "shared (x2)" in lines[0] and "(xN): called N times" in lines[0]
 
 
 def test_depthwise_conv_macs_divide_by_groups():

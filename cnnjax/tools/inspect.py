@@ -13,7 +13,10 @@ are ordinary ``jax.grad`` calls, written out in each function:
 - ``integrated_gradients``: input times the mean gradient along the path from a zero baseline;
 - ``grad_cam``: a layer's channels weighted by the spatial mean of d logit_c / d (its output),
   the gradient taken with respect to a zero probe added to that output;
-- ``feature_maps``: a layer's output, captured with ``capture_intermediates``.
+- ``feature_maps``: a layer's output.
+
+Layer names, shapes and outputs come from ``cnnjax.tools.trace``, the recorder the summary
+table uses too.
 
 Layers are named by their module path joined with '/', e.g. ``stage1_block1/conv_bn1/conv``
 (its kernel is ``stage1_block1/conv_bn1/conv/kernel``); ``module_outputs`` lists them all.
@@ -40,6 +43,7 @@ from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError, unknown_name
 from cnnjax.run import trained
 from cnnjax.tools import predict as prediction
+from cnnjax.tools.trace import recording, trace
 from cnnjax.train import steps
 from cnnjax.train.state import init_variables
 
@@ -49,29 +53,21 @@ from cnnjax.train.state import init_variables
 
 
 def module_outputs(model: nn.Module, variables, images) -> dict[str, jax.ShapeDtypeStruct]:
-    """Output shape of every submodule call, keyed by module path, in call order.
+    """Output shape of every submodule (its first call), keyed by module path, in call order
+    (a module after its submodules).
 
-    Traced abstractly (``jax.eval_shape``), so nothing is computed. A parameter tree cannot give
-    this order: trees that went through ``jit`` or a checkpoint come back with sorted keys
-    (``stem`` after ``stage3_block9``).
+    Traced abstractly (``cnnjax.tools.trace.trace``), so nothing is computed. A parameter tree
+    cannot give this order: trees that went through ``jit`` or a checkpoint come back with
+    sorted keys (``stem`` after ``stage3_block9``).
 
     Args:
       images: (N, H, W, C) array or ``jax.ShapeDtypeStruct``.
     """
+    _, calls = trace(partial(model.apply, train=False), variables, images)
     outputs = {}
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        path = "/".join(context.module.path)
-        if context.method_name == "__call__" and path and hasattr(out, "shape"):
-            outputs.setdefault(path, jax.ShapeDtypeStruct(out.shape, out.dtype))
-        return out
-
-    def forward(v, x):
-        with nn.intercept_methods(record):
-            return model.apply(v, x, train=False)
-
-    jax.eval_shape(forward, variables, images)
+    for c in calls:
+        if c.path and isinstance(c.outputs, jax.ShapeDtypeStruct):
+            outputs.setdefault(c.path, c.outputs)
     return outputs
 
 
@@ -146,28 +142,25 @@ def block_outputs(model: nn.Module, variables, images) -> dict[str, jax.ShapeDty
     return {p: s for p, s in outputs.items() if "/" not in p}
 
 
-def add_probes(probes: dict, outputs: dict | None = None):
+def add_probes(probes: dict):
     """A method interceptor adding ``probes[name]`` to the output of the submodule at path
     ``name`` (its first call). A zero probe leaves the forward pass unchanged, and
     d f / d probe equals d f / d (the module's output) for any f of the forward pass.
 
     Args:
       probes: module path -> array of that module's output shape.
-      outputs: a dict that receives each probed module's output (before the probe): one forward
-        pass then gives both an activation and, through ``jax.grad`` with respect to its probe,
-        its gradient.
     """
     done = set()
 
     def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
         name = "/".join(context.module.path)
-        if context.method_name == "__call__" and name in probes and name not in done:
+        probed = context.method_name == "__call__" and name in probes and name not in done
+        # Marked on entry: a module calling itself (a BatchNorm subclass calling
+        # super().__call__) is probed once, on the output of its outermost call.
+        if probed:
             done.add(name)
-            if outputs is not None:
-                outputs[name] = out
-            out = out + probes[name]
-        return out
+        out = next_fun(*args, **kwargs)
+        return out + probes[name] if probed else out
 
     return interceptor
 
@@ -450,7 +443,7 @@ def grad_cam(
     map = ReLU(sum_k w_k A_k), resized to the input's H x W (bilinear,
     ``jax.image.resize``) and divided by its maximum per image (an image with no positive
     evidence for its class gets zeros). The gradient is taken with respect to a zero probe
-    added to A (``add_probes``), which also hands back A from the same forward pass.
+    added to A (``add_probes``); A is recorded in the same forward pass.
 
     Args:
       layer: a module path with a 4-D output (``spatial_layers``); default ``grad_cam_layer``'s:
@@ -466,11 +459,11 @@ def grad_cam(
 
     def maps(variables, images, class_index, zeros):
         def class_scores(probe):
-            activations = {}
-            with nn.intercept_methods(add_probes({layer: probe}, activations)):
+            # The probe runs first (the outer interceptor): the recording sees A before it.
+            with nn.intercept_methods(add_probes({layer: probe})), recording({layer}) as calls:
                 out = model.apply(variables, images, train=False)
             classes = chosen_classes(out, class_index)  # the probe is 0: the clean prediction
-            return jnp.sum(out[jnp.arange(len(out)), classes]), activations[layer]
+            return jnp.sum(out[jnp.arange(len(out)), classes]), _first_value(calls, layer)
 
         grads, acts = jax.grad(class_scores, has_aux=True)(zeros)
         weights = jnp.mean(grads.astype(jnp.float32), axis=(1, 2))  # (N, K)
@@ -485,7 +478,7 @@ def grad_cam(
 
 def feature_maps(model: nn.Module, variables, images, layer: str) -> jax.Array:
     """The output (N, h, w, C) of the module at path ``layer`` (e.g. ``conv1`` or
-    ``conv1/conv``), captured with ``capture_intermediates``.
+    ``conv1/conv``), its first call's, recorded by ``cnnjax.tools.trace.recording``.
 
     Raises:
       UnknownNameError: (a ``ValueError``) no such layer; the message lists the layer names.
@@ -495,18 +488,16 @@ def feature_maps(model: nn.Module, variables, images, layer: str) -> jax.Array:
         raise unknown_name("layer", layer, names)
 
     def capture(variables, images):
-        _, state = model.apply(
-            variables,
-            images,
-            train=False,
-            capture_intermediates=lambda m, method: (
-                method == "__call__" and "/".join(m.path) == layer
-            ),
-            mutable=["intermediates"],
-        )
-        return traverse_util.flatten_dict(state["intermediates"], sep="/")[f"{layer}/__call__"][0]
+        with recording({layer}) as calls:
+            model.apply(variables, images, train=False)
+        return _first_value(calls, layer)
 
     return jax.jit(capture)(variables, images)
+
+
+def _first_value(calls, layer: str) -> jax.Array:
+    """The output of ``layer``'s first call among ``calls`` (recorded keeping ``layer``)."""
+    return next(c.value for c in calls if c.path == layer)
 
 
 def first_layer_filters(model: nn.Module, variables, images) -> jax.Array:

@@ -1,8 +1,9 @@
 """Parameter and FLOP tables for any Linen model, computed from shapes alone.
 
 ``summary(model, (H, W, C))`` traces ``model.init`` under ``jax.eval_shape`` (nothing is
-allocated, so ResNet-152 at 224 px costs a trace) and intercepts every submodule call to record
-its output shape, its own parameters and its multiply-accumulates (MACs):
+allocated, so ResNet-152 at 224 px costs a trace; ``cnnjax.tools.trace`` records the module
+calls) and shows one row per layer: its output shape, its own trainable parameters and
+non-trainable state (BatchNorm's ``batch_stats``), and its multiply-accumulates (MACs):
 
 - ``nn.Conv``: ``out_h * out_w * kh * kw * (c_in / groups) * c_out`` (``count_padding=False``
   drops the taps that fall on zero padding, as XLA's cost analysis does);
@@ -32,17 +33,29 @@ from jax import lax
 
 from cnnjax import models
 from cnnjax.errors import ConfigError
+from cnnjax.tools.trace import ModuleCall, trace
 
 
 @dataclasses.dataclass(frozen=True)
 class SummaryRow:
-    """One layer: a leaf module call, or a module owning parameters of its own."""
+    """One layer (module path): a leaf module, or a module holding variables of its own beside
+    its submodules.
+
+    Attributes:
+      output_shape: the output shape of the layer's first call.
+      params: the layer's own trainable parameters (its ``params``).
+      state: its own non-trainable values (``batch_stats`` and any other collection).
+      macs: multiply-accumulates per image, summed over the layer's calls.
+      calls: how many times the layer was called (a shared layer: more than one).
+    """
 
     path: str
     module: str
     output_shape: Any
     params: int
+    state: int
     macs: int
+    calls: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +63,7 @@ class SummaryTable:
     """The rows and totals of ``summary``; ``str(table)`` renders the Keras-like table.
 
     Attributes:
-      rows: layers in call order.
+      rows: one per layer, in the order their first calls end (a module after its submodules).
       params: trainable parameters (the ``params`` collection).
       state: non-trainable values (every other collection, e.g. ``batch_stats``).
       macs: multiply-accumulates per image.
@@ -69,9 +82,14 @@ class SummaryTable:
         return 2 * self.macs
 
     def __str__(self) -> str:
-        head = ("Layer", "Type", "Output shape", "Params", "MACs")
+        head = ("Layer", "Type", "Output shape", "Params", "Non-trainable", "MACs")
         body = [
-            (r.path, r.module, _shape_str(r.output_shape), f"{r.params:,}", f"{r.macs:,}")
+            (
+                r.path if r.calls == 1 else f"{r.path} (x{r.calls})",
+                r.module,
+                _shape_str(r.output_shape),
+                *(f"{n:,}" for n in (r.params, r.state, r.macs)),
+            )
             for r in self.rows
         ]
         widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
@@ -82,23 +100,16 @@ class SummaryTable:
         rule = "-" * len(fmt(head))
         lines = [f"{self.model} on input {self.input_shape}", "=" * len(rule), fmt(head), rule]
         lines += [fmt(row) for row in body]
+        lines.append("=" * len(rule))
+        if any(r.calls > 1 for r in self.rows):
+            lines.append("(xN): called N times (output shape of the first call, MACs of all)")
         lines += [
-            "=" * len(rule),
             f"Trainable params:        {self.params:,} ({_human(self.params)})",
-            f"Non-trainable state:     {self.state:,} (batch_stats and other collections)",
+            f"Non-trainable params:    {self.state:,} (batch_stats and other collections)",
             f"MACs per image:          {self.macs:,} ({_human(self.macs)})",
             f"FLOPs per image (2xMAC): {self.flops:,} ({_human(self.flops)})",
         ]
         return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class _Call:
-    path: tuple[str, ...]
-    module: nn.Module
-    children: int = 0
-    output_shape: Any = None
-    macs: int = 0
 
 
 def summary(
@@ -132,42 +143,62 @@ def summary(
         raise ConfigError(f"input_shape must be (H, W, C) of positive sizes, got {input_shape}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    calls: list[_Call] = []
-    stack: list[_Call] = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        call = _Call(tuple(context.module.path), context.module)
-        if stack:
-            stack[-1].children += 1
-        calls.append(call)
-        stack.append(call)
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            stack.pop()
-        call.output_shape = jax.tree.map(lambda a: tuple(getattr(a, "shape", ())), out)
-        call.macs = _macs(context.module, args, out, batch_size, count_padding)
-        return out
-
-    def init(x):
-        with models.input_size_checked(model, input_shape), nn.intercept_methods(interceptor):
-            return model.init(jax.random.key(0), x, train=False)
-
     x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
-    variables = jax.eval_shape(init, x)
-    table = _table(model, input_shape, calls, variables)
+    with models.input_size_checked(model, input_shape):
+        variables, calls = trace(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    macs = lambda call: _macs(call, batch_size, count_padding)
+    variables = dict(variables)
+    params = variables.pop("params", {})
+    size = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
+    table = SummaryTable(
+        model=type(model).__name__,
+        input_shape=input_shape,
+        rows=_rows(calls, macs),
+        params=size(params),
+        state=size(variables),
+        macs=sum(macs(c) for c in calls),
+    )
     if print_fn is not None:
         print_fn(str(table))
     return table
 
 
-def _macs(module: nn.Module, args, out, batch_size: int, count_padding: bool) -> int:
+def _rows(calls: list[ModuleCall], macs: Callable[[ModuleCall], int]) -> tuple[SummaryRow, ...]:
+    """One row per module path that is a leaf or holds variables of its own beside its
+    submodules (a ConvNeXt block's layer scale); a path's calls fold into its row."""
+    by_path: dict[str, list[ModuleCall]] = {}
+    for call in calls:
+        by_path.setdefault(call.path, []).append(call)
+    parents = {"/".join(p.split("/")[:i]) for p in by_path if p for i in range(p.count("/") + 1)}
+    rows = []
+    for path, group in by_path.items():
+        first = group[0]
+        own = first.variables
+        params = own.get("params", 0)
+        state = sum(n for name, n in own.items() if name != "params")
+        if path in parents and not params + state:
+            continue
+        rows.append(
+            SummaryRow(
+                path=path or "(root)",
+                module=type(first.module).__name__,
+                output_shape=jax.tree.map(lambda s: tuple(s.shape), first.outputs),
+                params=params,
+                state=state,
+                macs=sum(macs(c) for c in group),
+                calls=len(group),
+            )
+        )
+    return tuple(rows)
+
+
+def _macs(call: ModuleCall, batch_size: int, count_padding: bool) -> int:
     """Per-image MACs of a Conv or Dense call (0 for anything else)."""
+    module, out = call.module, call.outputs
     if not isinstance(module, nn.Conv | nn.Dense) or not hasattr(out, "shape"):
         return 0
-    cin = args[0].shape[-1]
+    x = call.inputs[0]
+    cin = x.shape[-1]
     positions = math.prod(out.shape) // (batch_size * out.shape[-1])
     if isinstance(module, nn.Dense):
         return positions * cin * module.features
@@ -176,7 +207,7 @@ def _macs(module: nn.Module, args, out, batch_size: int, count_padding: bool) ->
     kernel = _tuple(module.kernel_size, rank)
     if count_padding or module.padding == "CIRCULAR":
         return positions * math.prod(kernel) * channels
-    return _real_taps(module, args[0].shape[1:-1], out.shape[1:-1], kernel) * channels
+    return _real_taps(module, x.shape[1:-1], out.shape[1:-1], kernel) * channels
 
 
 def _real_taps(module: nn.Conv, in_size, out_size, kernel) -> int:
@@ -201,39 +232,6 @@ def _real_taps(module: nn.Conv, in_size, out_size, kernel) -> int:
 
 def _tuple(value, rank: int) -> tuple[int, ...]:
     return (value,) * rank if isinstance(value, int) else tuple(value)
-
-
-def _own_size(tree, path: tuple[str, ...]) -> int:
-    """Size of the arrays stored directly under ``path`` (not in submodules)."""
-    for name in path:
-        if not isinstance(tree, dict) or name not in tree:
-            return 0
-        tree = tree[name]
-    if not isinstance(tree, dict):
-        return 0
-    return sum(v.size for v in tree.values() if hasattr(v, "size") and not isinstance(v, dict))
-
-
-def _table(model, input_shape, calls: list[_Call], variables) -> SummaryTable:
-    variables = dict(variables)
-    params = dict(variables.pop("params", {}))
-    rows, seen = [], set()
-    for call in calls:
-        own = 0 if call.path in seen else _own_size(params, call.path)
-        seen.add(call.path)
-        if call.children and not own:
-            continue
-        name = "/".join(call.path) or "(root)"
-        rows.append(SummaryRow(name, type(call.module).__name__, call.output_shape, own, call.macs))
-    size = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
-    return SummaryTable(
-        model=type(model).__name__,
-        input_shape=input_shape,
-        rows=tuple(rows),
-        params=size(params),
-        state=size(variables),
-        macs=sum(c.macs for c in calls),
-    )
 
 
 def _shape_str(shape) -> str:
