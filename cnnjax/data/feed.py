@@ -127,10 +127,6 @@ class ResidentFeed:
         split = self.evals[role]
         return ((split, i) for i in range(len(split["label"]) // self.eval_batch_size))
 
-    @property
-    def steps_per_dispatch_max(self) -> int | None:
-        return None  # any number of steps per dispatch
-
 
 @dataclasses.dataclass
 class StreamedFeed:
@@ -187,10 +183,6 @@ class StreamedFeed:
             limit=r.limit_examples,
         )
         return ((parallel.host_to_global(b, self.mesh),) for b in batches)
-
-    @property
-    def steps_per_dispatch_max(self) -> int | None:
-        return 1
 
 
 Feed = ResidentFeed | StreamedFeed
