@@ -18,16 +18,8 @@ from cnnjax.tools.evaluate import evaluate_run
 from cnnjax.train import hooks, loop, resume
 from cnnjax.train import setup as setup_lib
 
-LINE_KEYS = {
-    "epoch",
-    "step",
-    "train_loss",
-    "train_accuracy",
-    "eval_loss",
-    "eval_accuracy",
-    "train_images_per_sec",
-    "wall_s",
-}
+# Every epoch line holds the metric names checkpoints can be ranked by, defined once.
+LINE_KEYS = {"epoch", *metrics_lib.EPOCH_METRICS}
 
 
 def final_params(config, workdir):
