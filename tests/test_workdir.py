@@ -127,7 +127,7 @@ def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = (
-        "import sys, time; from cnnjax import workdir as w\n"
+        "import sys, time; from cnnjax.run import workdir as w\n"
         "with w.lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env(),
