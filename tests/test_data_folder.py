@@ -175,7 +175,7 @@ def test_majority_channels_counts_grey_modes():
 def test_modes_convert_as_prediction_does(tmp_path):
     """16-bit grey scaled by 1/257, alpha dropped (not composited), palette, CMYK and EXIF
     orientation: the pixels training sees are the ones ``prediction.load_image`` gives."""
-    from cnnjax.prediction import load_image
+    from cnnjax.tools.predict import load_image
 
     rng = np.random.default_rng(2)
     root = tmp_path / "d"
