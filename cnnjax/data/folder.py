@@ -477,14 +477,14 @@ def decode(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as img:
             img.draft(img.mode, (max(h, w), max(h, w)))  # JPEG only: libjpeg scales, >= target
-            img = _to_8bit(ImageOps.exif_transpose(img)).convert("L" if c == 1 else "RGB")
+            img = to_8bit(ImageOps.exif_transpose(img)).convert("L" if c == 1 else "RGB")
             img = img.resize((w, h), Image.Resampling[RESAMPLE.upper()])  # same size: a copy
             return np.asarray(img, np.uint8).reshape(h, w, c)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ConfigError(f"{path}: cannot decode the image ({_first_line(e)})") from None
 
 
-def _to_8bit(img):
+def to_8bit(img):
     """8-bit grey or RGB: 16/32-bit grey scaled down (PIL's conversion would clip at 255),
     alpha dropped."""
     from PIL import Image

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.data import folder
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CnnjaxError, ConfigError
 from cnnjax.run import trained
@@ -163,7 +164,7 @@ def load_image(
         raise ConfigError(f"cannot convert image files to {c} channels (only 1 or 3)")
     try:
         with Image.open(path) as img:
-            img = _to_8bit(ImageOps.exif_transpose(img)).convert(_CHANNEL_MODES[c])
+            img = folder.to_8bit(ImageOps.exif_transpose(img)).convert(_CHANNEL_MODES[c])
             img = _resize(img, (h, w), resize_size, Image.Resampling[method.upper()])
             return np.asarray(img, np.uint8).reshape(h, w, c)
     except UnidentifiedImageError:
@@ -195,17 +196,6 @@ def _resize(img, shape: tuple[int, int], resize_size: int | None, resample):
     img = img.resize((new_w, new_h), resample)
     top, left = int(round((new_h - h) / 2.0)), int(round((new_w - w) / 2.0))
     return img.crop((left, top, left + w, top + h))
-
-
-def _to_8bit(img):
-    """8-bit grey or RGB: 16-bit grey scaled down (PIL would clip it), alpha dropped."""
-    from PIL import Image
-
-    if img.mode.startswith("I;16") or img.mode == "I":
-        return Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        return img.convert("RGBA").convert("RGB")
-    return img
 
 
 def top_classes(probs: np.ndarray, class_names, top_k: int) -> list[dict]:
