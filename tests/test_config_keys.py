@@ -23,6 +23,7 @@ FROZEN = {
     },
     "conv_backend": "auto",
     "data": {
+        "channels": 0,
         "data_dir": None,
         "download": True,
         "eval_batch_size": 1000,
@@ -31,7 +32,9 @@ FROZEN = {
         "in_memory_max_bytes": 2147483648,
         "limit_examples": 0,
         "local_dir": None,
+        "test_fraction": 0.1,
         "validation_fraction": 0.1,
+        "workers": 0,
     },
     "dataset": "fashion_mnist",
     "deterministic": False,

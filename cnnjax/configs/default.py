@@ -43,7 +43,9 @@ KEYS = (
         "The model: a registry name plus any of its attributes, each settable from the command "
         "line (--config.model.name=resnet18 --config.model.small_input=True; "
         "--config.model=NAME is short for --config.model.name=NAME)."),
-    Key("dataset", "fashion_mnist", r.TEXT, "TFDS dataset name (cifar10, mnist, ...)."),
+    Key("dataset", "fashion_mnist", r.TEXT,
+        "TFDS dataset name (cifar10, mnist, ...), or folder:PATH for a folder of images "
+        "(PATH/<class>/*, optionally in train/ validation/ test/)."),
     Key("dtype", "float32", r.choice(*DTYPES),
         "Compute dtype; parameters, optimizer state and BatchNorm statistics stay float32."),
     Key("conv_backend", "auto", r.choice("auto", "xla", "onednn"),
@@ -174,9 +176,15 @@ KEYS = (
     Key("data.in_memory_max_bytes", 2 * 1024**3, _COUNT,
         "auto: datasets up to this size, in bytes, stay on the device."),
     Key("data.image_size", Unset(int), r.either(r.NONE, _POSITIVE_INT),
-        "Streaming: side, in px, images are resized to in tf.data; None: as they are. From "
-        "torchvision weights: the side the model sees (resized on the device), default the "
-        "weights' crop size."),
+        "Side, in px, a folder's images and a streamed dataset's images are resized to when "
+        "read; None: as they are (they must then share one size). From torchvision weights: "
+        "the side the model sees (resized on the device), default the weights' crop size."),
+    Key("data.channels", 0, r.Rule("0, 1 or 3", lambda v: v in (0, 1, 3) and type(v) is int),
+        "A folder's images as grey (1) or RGB (3); 0: as most of them are."),
+    Key("data.test_fraction", 0.1, _FRACTION_BELOW_1,
+        "Fraction of a folder's train images carved out for test when it has no test/ folder."),
+    Key("data.workers", 0, _COUNT,
+        "Streaming: processes that read and decode batches (Grain); 0: threads of the trainer."),
     Key("data.eval_batch_size", 1000, _POSITIVE_INT, "Images per evaluation batch, global."),
     Key("data.limit_examples", 0, _COUNT,
         "Keep only the first N examples of each split; 0: all."),

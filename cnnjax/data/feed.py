@@ -1,27 +1,38 @@
-"""Feeds: a dataset turned into what the compiled steps take, resident on the device or streamed
-from the host, behind one interface. ``open_feed`` is the one place that chooses; the trainer,
-evaluation, inspection and prediction use a feed without knowing which it is.
+"""Feeds: a dataset (a ``Source``) turned into what the compiled steps take, resident on the
+device or streamed from the host, behind one interface. ``open_feed`` is the one place that
+chooses; the trainer, evaluation and inspection use a feed without knowing which it is.
 
 * ``ResidentFeed``: a dataset that fits is copied to the device once as uint8; each epoch's
   permutation is drawn on the device and every batch is gathered inside the jitted step, so
   training makes no host round-trip per step (several steps may run in one device loop).
-* ``StreamedFeed``: every other dataset is read by the host in this process's shard, one batch
-  per step, each process's rows assembled into the global batch.
+* ``StreamedFeed``: every other dataset is read by the host through Grain (``data.stream``),
+  this process's rows of each global batch, decoded in worker processes; the order is a
+  function of (seed, epoch), so an epoch resumes at any batch.
 
 A feed wraps the trainer's pure step functions into the jitted ones it can call
 (``compile_train``, ``compile_eval``) and yields their arguments (``train_dispatches``,
-``eval_batches``).
+``eval_batches``). Several processes (``cnnjax.distributed``): a resident split is small by
+definition, so every process reads all of it and keeps one replica per local device, every
+process draws the same epoch order from the same key, and the gathered batch is constrained to
+the batch sharding inside the jitted step (XLA gathers on each device only its own rows); a
+streamed split gives each process its rows, assembled into the global batch with
+``jax.make_array_from_process_local_data``.
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import jax
 
-from cnnjax.data import pipeline
+from cnnjax.data import pipeline, stream
+from cnnjax.data import source as source_lib
 from cnnjax.data import tfds as tfds_lib
+from cnnjax.errors import ConfigError
 from cnnjax.train import parallel
+
+FOLDER = "folder:"  # dataset = folder:PATH: a folder of images (data.folder)
 
 # f(state, acc, batch) -> (state, acc): a train or eval step on one global batch
 StepFn = Callable
@@ -29,23 +40,27 @@ StepFn = Callable
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
-    """How a dataset is read: where it is, and its splits' sizes and batches."""
+    """How a dataset is read: what and where it is, and its splits' sizes and batches."""
 
     dataset: str
     data_dir: str | None = None
     local_dir: str | None = None
     download: bool = True
     validation_fraction: float = 0.0
+    test_fraction: float = 0.0
     in_memory: str = "auto"
     in_memory_max_bytes: int = 0
     image_size: int | None = None
+    channels: int = 0
     limit_examples: int = 0
     eval_batch_size: int = 1000
+    workers: int = 0
     seed: int = 0
 
     @classmethod
     def of(cls, config) -> "Reading":
-        """The reading of a training config (its ``dataset``, ``seed`` and ``data.*``)."""
+        """The reading of a training config (its ``dataset``, ``seed`` and ``data.*``); keys
+        a run of an older version did not have take their defaults."""
         d = config.data
         return cls(
             dataset=config.dataset,
@@ -53,29 +68,52 @@ class Reading:
             local_dir=d.local_dir,
             download=d.download,
             validation_fraction=d.validation_fraction,
+            test_fraction=d.get("test_fraction", 0.0),
             in_memory=d.in_memory,
             in_memory_max_bytes=d.in_memory_max_bytes,
             image_size=d.get("image_size"),
+            channels=d.get("channels", 0),
             limit_examples=d.limit_examples,
             eval_batch_size=d.eval_batch_size,
+            workers=d.get("workers", 0),
             seed=config.seed,
         )
 
-    def builder(self):
-        """The prepared TFDS builder."""
-        return tfds_lib.builder(self.dataset, self.data_dir, self.local_dir, self.download)
 
+def open_source(reading: Reading) -> source_lib.Source:
+    """The dataset of ``reading``: a folder of images (``folder:PATH``) or a prepared TFDS
+    dataset (prepared by process 0 before the other processes look: they would otherwise all
+    download and convert it into the same data_dir at once)."""
+    if reading.dataset.startswith(FOLDER):
+        from cnnjax.data import folder
 
-def prepared_builder(reading: Reading):
-    """The dataset's TFDS builder, prepared by process 0 before the other processes look (they
-    would otherwise all download and convert it into the same data_dir at once)."""
+        return folder.open_folder(
+            reading.dataset[len(FOLDER) :],
+            reading.image_size,
+            reading.channels or None,
+            reading.validation_fraction,
+            reading.test_fraction,
+            reading.seed,
+            None if reading.data_dir is None else f"{reading.data_dir}/cnnjax_folders",
+        )
+    from cnnjax.data import tfds_source
+
+    r = reading
+    make = lambda: tfds_lib.builder(r.dataset, r.data_dir, r.local_dir, r.download)
     if jax.process_count() == 1:
-        return reading.builder()
+        return tfds_source.TfdsSource(make())
     from jax.experimental import multihost_utils
 
-    builder = reading.builder() if jax.process_index() == 0 else None
+    builder = make() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("cnnjax: dataset prepared")
-    return builder or reading.builder()
+    return tfds_source.TfdsSource(builder or make())
+
+
+def check_source(reading: Reading) -> None:
+    """Opens a folder dataset, so that a bad folder is one line before anything is written
+    (a TFDS dataset is checked where it is prepared)."""
+    if reading.dataset.startswith(FOLDER):
+        open_source(reading)
 
 
 @dataclasses.dataclass
@@ -130,13 +168,15 @@ class ResidentFeed:
 
 @dataclasses.dataclass
 class StreamedFeed:
-    """Splits read by the host one batch per step (``pipeline.stream_batches``)."""
+    """Splits read by the host one batch per step, through Grain (``data.stream``)."""
 
     info: pipeline.DatasetInfo
     mesh: jax.sharding.Mesh
-    reading: Reading
-    builder: object
+    splits: dict  # role -> source.Split, of one image shape
     batch_size: int
+    eval_batch_size: int
+    seed: int
+    workers: int
 
     def compile_train(self, train: StepFn, batch_size: int, per_dispatch: int):
         """``f(state, acc, batch)``: one step per dispatch (each batch comes from the host)."""
@@ -147,40 +187,24 @@ class StreamedFeed:
         """``((batch,), i + 1)`` for batches ``first ..`` of ``epoch`` (``ends`` is ignored:
         every dispatch is one step)."""
         del key, ends
-        steps = self.info.num_examples["train"] // self.batch_size
-        r = self.reading
-        batches = pipeline.stream_batches(
-            self.builder,
-            self.info.splits["train"],
+        batches = stream.train_batches(
+            self.splits["train"],
             self.batch_size,
-            seed=r.seed,
+            seed=self.seed,
             epoch=epoch,
-            train=True,
-            image_size=r.image_size,
-            limit=r.limit_examples,
+            first=first,
+            workers=self.workers,
+            **_processes(),
         )
-        # Every process runs the same number of steps (each is a collective); its shard of n
-        # examples holds at least n // batch_size batches of batch_size // processes. The rest
-        # is read and dropped: an unfinished tf.data iterator would discard TFDS's cache with a
-        # warning.
-        for i, batch in enumerate(batches):
-            if first <= i < steps:
-                yield (parallel.host_to_global(batch, self.mesh),), i + 1
+        for i, batch in enumerate(batches, start=first):
+            yield (parallel.host_to_global(batch, self.mesh),), i + 1
 
     def compile_eval(self, add_sums: StepFn):
         return jax.jit(add_sums, donate_argnums=1)
 
     def eval_batches(self, role: str):
-        r = self.reading
-        batches = pipeline.stream_batches(
-            self.builder,
-            self.info.splits[role],
-            r.eval_batch_size,
-            seed=r.seed,
-            epoch=0,
-            train=False,
-            image_size=r.image_size,
-            limit=r.limit_examples,
+        batches = stream.eval_batches(
+            self.splits[role], self.eval_batch_size, workers=self.workers, **_processes()
         )
         return ((parallel.host_to_global(b, self.mesh),) for b in batches)
 
@@ -188,38 +212,69 @@ class StreamedFeed:
 Feed = ResidentFeed | StreamedFeed
 
 
+def _processes() -> dict:
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+def fits_in_memory(source: source_lib.Source, mode: str, max_bytes: int) -> bool:
+    """Whether the dataset should live on the device: ``mode`` yes/no, or auto by size (images
+    of unknown size never do)."""
+    if mode in ("yes", "no"):
+        return mode == "yes"
+    if mode != "auto":
+        raise ConfigError(f"data.in_memory must be auto, yes or no; got {mode!r}")
+    if None in source.image_shape:
+        return False
+    return sum(source.split_sizes().values()) * math.prod(source.image_shape) <= max_bytes
+
+
+def role_splits(source, validation_fraction: float, info) -> dict:
+    """Role (train/validation/test) -> split string: a trained run's (``info``), else chosen by
+    ``pipeline.split_names``."""
+    if info is not None:
+        return dict(info.splits)
+    return pipeline.split_names(source.split_sizes(), validation_fraction)
+
+
+def limited(source, specs: dict, limit: int) -> dict:
+    """``specs`` cut to their first ``limit`` examples each (0: as they are)."""
+    if not limit:
+        return specs
+    sizes = source.split_sizes()
+    return {r: source_lib.limited(s, source_lib.count(s, sizes), limit) for r, s in specs.items()}
+
+
 def open_feed(reading: Reading, mesh, batch_size: int, info=None, roles=None) -> Feed:
-    """Prepares the dataset and, when it fits, puts it on the device whole.
+    """Opens the dataset and, when it fits, puts it on the device whole.
 
     Args:
-      reading: where the dataset is and how to read it.
+      reading: what the dataset is and how to read it.
       mesh: the devices batches are placed on.
       batch_size: the global training batch.
       info: a trained run's ``DatasetInfo`` (its splits and statistics); None: derived here.
       roles: the eval splits a resident feed loads (default: validation and test; evaluating a
         run's checkpoint reads one, and no training split).
     """
-    builder = prepared_builder(reading)
-    limit = reading.limit_examples
-    if info is None:
-        sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
-        splits = pipeline.split_names(sizes, reading.validation_fraction)
-    else:
-        splits = info.splits
-    if not pipeline.fits_in_memory(builder, reading.in_memory, reading.in_memory_max_bytes):
-        if info is None:
-            stats = _streamed_stats(builder, splits["train"], reading.image_size)
-            info = pipeline.dataset_info(builder, splits, *stats, limit)
-        return StreamedFeed(info, mesh, reading, builder, batch_size)
+    source = open_source(reading)
+    specs = role_splits(source, reading.validation_fraction, info)
+    read = limited(source, specs, reading.limit_examples)  # what is read of each split
     wanted = ("train", "validation", "test") if roles is None else ("train", *roles)
     if info is not None:
         wanted = wanted[1:]
+    if not fits_in_memory(source, reading.in_memory, reading.in_memory_max_bytes):
+        splits = {role: _streamed(source, read[role], reading.image_size) for role in wanted}
+        if info is None:
+            n = min(pipeline.STATS_SAMPLE, len(splits["train"]))
+            sample = source_lib.gather(splits["train"], range(n))
+            info = dataset_info(source, specs, read, *pipeline.channel_stats(sample["image"]))
+        ebs, workers = reading.eval_batch_size, reading.workers
+        return StreamedFeed(info, mesh, splits, batch_size, ebs, reading.seed, workers)
     # Each distinct split once (validation and test may be the same split).
-    loaded = {s: pipeline.load_arrays(builder, s, limit) for s in {splits[r] for r in wanted}}
-    arrays = {role: loaded[splits[role]] for role in wanted}
+    loaded = {spec: source.arrays(spec) for spec in {read[role] for role in wanted}}
+    arrays = {role: loaded[read[role]] for role in wanted}
     if info is None:
         stats = pipeline.channel_stats(arrays["train"]["image"])
-        info = pipeline.dataset_info(builder, splits, *stats, limit)
+        info = dataset_info(source, specs, read, *stats)
     put = partial(jax.device_put, device=parallel.replicated(mesh))
     ebs = reading.eval_batch_size
     evals = {r: put(pipeline.resident_eval_split(arrays[r], ebs)) for r in wanted if r != "train"}
@@ -227,17 +282,42 @@ def open_feed(reading: Reading, mesh, batch_size: int, info=None, roles=None) ->
     return ResidentFeed(info, mesh, ebs, train, evals)
 
 
-def _streamed_stats(builder, split: str, image_size):
-    """Per-channel mean and std from a sample of the training split."""
-    sample = next(
-        pipeline.stream_batches(
-            builder,
-            split,
-            pipeline.STATS_SAMPLE,
-            seed=0,
-            epoch=0,
-            train=False,
-            image_size=image_size,
-        )
+def _streamed(source, spec: str, image_size: int | None) -> source_lib.Split:
+    """Split ``spec`` for streaming, its images resized to ``image_size`` when the dataset's
+    differ in size (a folder source resizes its own)."""
+    split = source.split(spec)
+    if None in source.image_shape:
+        if not image_size:
+            raise ConfigError(
+                f"dataset {source.name} has images of different sizes {source.image_shape}: "
+                "set --config.data.image_size to stream it"
+            )
+        split = source_lib.Resized(split, image_size)
+    return split
+
+
+def dataset_info(source, specs: dict, read: dict, mean, std) -> pipeline.DatasetInfo:
+    """A source's metadata as a ``DatasetInfo``: the roles' ``specs`` and the number of
+    examples ``read`` of each, with the training statistics."""
+    sizes = source.split_sizes()
+    return pipeline.DatasetInfo(
+        name=source.name,
+        image_shape=tuple(source.image_shape),
+        num_classes=len(source.class_names),
+        class_names=tuple(source.class_names),
+        mean=tuple(mean),
+        std=tuple(std),
+        splits=dict(specs),
+        num_examples={role: source_lib.count(spec, sizes) for role, spec in read.items()},
     )
-    return pipeline.channel_stats(sample["image"])
+
+
+def first_examples(reading: Reading, spec: str, count: int) -> dict:
+    """The first ``count`` examples of split ``spec`` as host numpy (``image`` uint8, ``label``
+    int32) as training read them (resized where it streamed), without reading the rest: what
+    the pictures of a run show."""
+    source = open_source(reading)
+    split = source.split(spec)
+    if not fits_in_memory(source, reading.in_memory, reading.in_memory_max_bytes):
+        split = _streamed(source, spec, reading.image_size)
+    return source_lib.gather(split, range(min(count, len(split))))

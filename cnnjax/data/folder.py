@@ -59,6 +59,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cnnjax.data import source
 from cnnjax.errors import ConfigError, unknown_name
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
@@ -111,6 +112,14 @@ class FolderSplit:
         path = os.path.join(self.root, self.files[index])
         return {"image": decode(path, self.image_shape), "label": self.labels[index]}
 
+    def sliced(self, start: int | None, stop: int | None) -> "FolderSplit":
+        """Examples ``start .. stop - 1`` as a split of their own (with its own cache key)."""
+        cut = slice(start, stop)
+        key = hashlib.sha256(f"{self.fingerprint}[{start}:{stop}]".encode()).hexdigest()
+        return dataclasses.replace(
+            self, files=self.files[cut], labels=self.labels[cut], fingerprint=key
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class FolderSource:
@@ -134,9 +143,12 @@ class FolderSource:
         return {name: len(split) for name, split in self.splits.items()}
 
     def split(self, name: str) -> FolderSplit:
-        if name not in self.splits:
-            raise unknown_name(f"split of {self.name}", name, self.splits)
-        return self.splits[name]
+        """Split ``name``, or a slice of it written as TFDS writes one (``train[0:512]``)."""
+        base, start, stop = source.parse_split(name)
+        if base not in self.splits:
+            raise unknown_name(f"split of {self.name}", base, self.splits)
+        split = self.splits[base]
+        return split if start is None and stop is None else split.sliced(start, stop)
 
     def arrays(self, name: str) -> dict:
         """Split ``name`` decoded: ``image`` uint8 (N, H, W, C), ``label`` int32 (N,).

@@ -56,3 +56,49 @@ def gather(split: Split, indices) -> dict:
         "image": np.stack([e["image"] for e in examples]).astype(np.uint8),
         "label": np.asarray([e["label"] for e in examples], np.int32),
     }
+
+
+def parse_split(spec: str) -> tuple[str, int | None, int | None]:
+    """``"train[:54000]"`` -> ``("train", None, 54000)``: a split name with an optional slice of
+    its examples, written as TFDS writes it (every source accepts these)."""
+    name, _, rest = spec.partition("[")
+    if not rest:
+        return name, None, None
+    start, _, stop = rest.rstrip("]").partition(":")
+    return name, int(start) if start else None, int(stop) if stop else None
+
+
+def limited(spec: str, size: int, limit: int) -> str:
+    """``spec`` (of ``size`` examples) cut to its first ``limit`` examples, as a split string:
+    ``"train[:54000]"`` limited to 512 -> ``"train[0:512]"``; ``"train[54000:]"`` ->
+    ``"train[54000:54512]"``; never past the end of the slice."""
+    name, start, _ = parse_split(spec)
+    start = start or 0
+    return f"{name}[{start}:{start + min(limit, size)}]"
+
+
+class Resized:
+    """``split`` with every image resized to ``size`` x ``size`` (PIL bilinear, antialiased when
+    it shrinks): a ``Split`` of one shape from a dataset whose images differ in size."""
+
+    def __init__(self, split: Split, size: int):
+        self.split, self.size = split, size
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        example = self.split[index]
+        image = np.asarray(example["image"], np.uint8)
+        channels = image.shape[-1]
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        out = np.asarray(pil.resize((self.size, self.size), Image.Resampling.BILINEAR))
+        return {**example, "image": out.reshape(self.size, self.size, channels)}
+
+
+def count(spec: str, sizes: dict[str, int]) -> int:
+    """Examples in split ``spec`` (a name or a slice of one) of a dataset of split ``sizes``."""
+    name, start, stop = parse_split(spec)
+    return len(range(sizes[name])[start:stop])

@@ -632,32 +632,11 @@ def load_inputs(
 
 
 def dataset_batch(config, info, num_images: int, split: str = "test") -> dict:
-    """The first ``num_images`` examples (uint8 ``image``, int ``label``) of a run's ``split``.
+    """The first ``num_images`` examples (uint8 ``image``, int ``label``) of a run's ``split``,
+    read as training read them (``data.feed.first_examples``), without the rest."""
+    from cnnjax.data import feed
 
-    Reads only those examples (through the streaming pipeline, resized to ``data.image_size``
-    when training streamed the dataset too) rather than the whole dataset.
-    """
-    from cnnjax.data import pipeline
-    from cnnjax.data import tfds as tfds_lib
-
-    d = config.data
-    builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir, d.download)
-    n = min(num_images, info.num_examples[split])
-    # data.image_size resizes in tf.data only where training streamed the dataset; resident
-    # datasets are resized (if at all) by the run's preprocessing, on the device.
-    resident = pipeline.fits_in_memory(builder, d.in_memory, d.in_memory_max_bytes)
-    batches = pipeline.stream_batches(
-        builder,
-        info.splits[split],
-        n,
-        seed=0,
-        epoch=0,
-        train=False,
-        image_size=None if resident else d.get("image_size"),
-        limit=n,
-    )
-    batch = next(batches)
-    return {"image": batch["image"][:n], "label": batch["label"][:n]}
+    return feed.first_examples(feed.Reading.of(config), info.splits[split], num_images)
 
 
 # --------------------------------------------------------------------------------------------

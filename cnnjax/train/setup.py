@@ -100,6 +100,7 @@ def check(config) -> str:
     transfer.check_init_from(config)
     check_deterministic(config.get("deterministic", False), jax.default_backend(), xla_flags())
     check_micro_batches(config.batch_size, config.get("grad_accum_steps", 1), jax.device_count())
+    feed_lib.check_source(feed_lib.Reading.of(config))  # a bad folder: before any write
     return kernels_lib.select(config.get("conv_backend"))  # before anything is traced
 
 
