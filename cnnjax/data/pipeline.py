@@ -21,10 +21,6 @@ the same train step; normalisation happens on the device.
 
 import dataclasses
 import json
-import re
-import tempfile
-import warnings
-import zipfile
 from pathlib import Path
 
 import jax
@@ -32,12 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.data import tfds as tfds_lib
+from cnnjax.data.tfds_source import (  # noqa: F401  (moved there; imported here by their users)
+    ARRAY_CACHE,
+    array_cache_path,
+    limit_split,
+    load_arrays,
+)
 from cnnjax.errors import ConfigError
 from cnnjax.preprocessing import Preprocess
 from cnnjax.workdir import write_text_atomic
 
 STATS_SAMPLE = 10_000  # images used to estimate the per-channel mean and std
-ARRAY_CACHE = "cnnjax_arrays"  # folder in a prepared dataset's data_dir with decoded splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,75 +99,6 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     )
 
 
-def load_arrays(builder, split: str, limit: int = 0) -> dict:
-    """A whole split as host numpy: ``image`` uint8 (N, H, W, C), ``label`` int32 (N,).
-
-    The decoded arrays are kept next to the prepared dataset (``ARRAY_CACHE`` in the builder's
-    data_dir), so later runs read one file instead of importing TensorFlow and decoding every
-    image again (Fashion-MNIST: ~12 s -> 0.1 s). A cache file that is unreadable or does not
-    match the split is ignored and rewritten; an unwritable data_dir only skips the cache.
-    """
-    import tensorflow_datasets as tfds
-
-    if limit:
-        split = _limit_split(builder, split, limit)
-    path = array_cache_path(builder, split)
-    arrays = _read_cached(path, builder, split)
-    if arrays is not None:
-        return arrays
-    tfds_lib.import_tensorflow()
-    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-    image, label = tfds.as_numpy(ds)
-    arrays = {"image": image, "label": label.astype(np.int32)}
-    _write_cached(path, arrays)
-    return arrays
-
-
-def array_cache_path(builder, split: str) -> Path:
-    """Where ``load_arrays`` keeps the decoded ``split`` (a TFDS split string)."""
-    return Path(builder.data_dir) / ARRAY_CACHE / (re.sub(r"[^\w-]", "_", split) + ".npz")
-
-
-def _read_cached(path: Path, builder, split: str) -> dict | None:
-    """The cached arrays of ``split``, or None when missing or not matching the dataset."""
-    image_key, _ = builder.info.supervised_keys
-    shape = tuple(builder.info.features[image_key].shape)
-    n = builder.info.splits[split].num_examples
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            image, label = f["image"], f["label"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    ok = image.shape == (n, *shape) and image.dtype == np.uint8
-    ok = ok and label.shape == (n,) and label.dtype == np.int32
-    return {"image": image, "label": label} if ok else None
-
-
-def _write_cached(path: Path, arrays: dict) -> None:
-    """Writes the cache atomically (a temporary file, then a rename): never a partial file."""
-    tmp = None
-    try:
-        path.parent.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-            np.savez(f, **arrays)
-        tmp.chmod(0o644)  # like the dataset's own files (mkstemp makes 0600)
-        tmp.replace(path)
-    except OSError as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        warnings.warn(f"not caching the decoded dataset in {path.parent}: {e}", stacklevel=2)
-
-
-def _limit_split(builder, split: str, limit: int) -> str:
-    # "train[:54000]" limited to 512 -> "train[:512]"; "train[54000:]" -> "train[54000:54512]",
-    # never past the end of the slice (TFDS counts the examples of a sliced split name).
-    name, _, rest = split.partition("[")
-    start = int(rest.split(":")[0] or 0) if rest else 0
-    limit = min(limit, builder.info.splits[split].num_examples)
-    return f"{name}[{start}:{start + limit}]"
-
-
 def stream_batches(
     builder,
     split: str,
@@ -188,7 +120,7 @@ def stream_batches(
 
     tf = tfds_lib.import_tensorflow()
     if limit:
-        split = _limit_split(builder, split, limit)
+        split = limit_split(builder, split, limit)
     read = tfds.ReadConfig(shuffle_seed=seed + epoch, interleave_cycle_length=4)
     ds = builder.as_dataset(split=split, shuffle_files=train, as_supervised=True, read_config=read)
     ds = ds.shard(jax.process_count(), jax.process_index())
