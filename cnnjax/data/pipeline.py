@@ -1,43 +1,23 @@
-"""Dataset splits, normalisation statistics, and the two input paths.
-
-* Resident: datasets that fit (MNIST, Fashion-MNIST, CIFAR...) are copied to the device once as
-  uint8; each epoch's permutation is drawn on the device and every batch is gathered inside the
-  jitted step, so training makes no host round-trip per step.
-* Streaming: larger datasets go through tf.data (shuffle, batch, prefetch) and each process feeds
-  its slice of the global batch.
-
-Several processes (``cnnjax.distributed``): a resident split is small by definition, so every
-process reads all of it and keeps one replica per local device (the global replicated sharding);
-every process draws the same epoch order from the same key, and the gathered batch is
-constrained to the batch sharding inside the jitted step, so XLA gathers on each device only
-its own rows (checked in the compiled program: 8 rows per device for a batch of 32 on 4). A
-streamed split is read as one TFDS shard per process (``ds.shard``), each process's batches
-assembled into the global batch with ``jax.make_array_from_process_local_data``; every process
-runs the same number of steps (``stream_batches``).
-
-Both paths produce the same batch dict (``image`` uint8 (N, H, W, C), ``label`` int32 (N,)) for
-the same train step; normalisation happens on the device.
+"""What both feeds (``data.feed``) share: ``DatasetInfo`` (a run's ``dataset.json``), the
+roles' splits, the normalisation statistics, padded eval splits, and the on-device epoch order
+and batch gathering of resident data. Every batch is the same dict (``image`` uint8
+(N, H, W, C), ``label`` int32 (N,), and ``mask`` for evaluation); normalisation happens on the
+device.
 """
 
 import dataclasses
 import json
-import re
-import tempfile
-import warnings
-import zipfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data import tfds as tfds_lib
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError
 from cnnjax.run.workdir import write_text_atomic
 
 STATS_SAMPLE = 10_000  # images used to estimate the per-channel mean and std
-ARRAY_CACHE = "cnnjax_arrays"  # folder in a prepared dataset's data_dir with decoded splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,126 +78,6 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     )
 
 
-def load_arrays(builder, split: str, limit: int = 0) -> dict:
-    """A whole split as host numpy: ``image`` uint8 (N, H, W, C), ``label`` int32 (N,).
-
-    The decoded arrays are kept next to the prepared dataset (``ARRAY_CACHE`` in the builder's
-    data_dir), so later runs read one file instead of importing TensorFlow and decoding every
-    image again (Fashion-MNIST: ~12 s -> 0.1 s). A cache file that is unreadable or does not
-    match the split is ignored and rewritten; an unwritable data_dir only skips the cache.
-    """
-    import tensorflow_datasets as tfds
-
-    if limit:
-        split = _limit_split(builder, split, limit)
-    path = array_cache_path(builder, split)
-    arrays = _read_cached(path, builder, split)
-    if arrays is not None:
-        return arrays
-    tfds_lib.import_tensorflow()
-    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-    image, label = tfds.as_numpy(ds)
-    arrays = {"image": image, "label": label.astype(np.int32)}
-    _write_cached(path, arrays)
-    return arrays
-
-
-def array_cache_path(builder, split: str) -> Path:
-    """Where ``load_arrays`` keeps the decoded ``split`` (a TFDS split string)."""
-    return Path(builder.data_dir) / ARRAY_CACHE / (re.sub(r"[^\w-]", "_", split) + ".npz")
-
-
-def _read_cached(path: Path, builder, split: str) -> dict | None:
-    """The cached arrays of ``split``, or None when missing or not matching the dataset."""
-    image_key, _ = builder.info.supervised_keys
-    shape = tuple(builder.info.features[image_key].shape)
-    n = builder.info.splits[split].num_examples
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            image, label = f["image"], f["label"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    ok = image.shape == (n, *shape) and image.dtype == np.uint8
-    ok = ok and label.shape == (n,) and label.dtype == np.int32
-    return {"image": image, "label": label} if ok else None
-
-
-def _write_cached(path: Path, arrays: dict) -> None:
-    """Writes the cache atomically (a temporary file, then a rename): never a partial file."""
-    tmp = None
-    try:
-        path.parent.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-            np.savez(f, **arrays)
-        tmp.chmod(0o644)  # like the dataset's own files (mkstemp makes 0600)
-        tmp.replace(path)
-    except OSError as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        warnings.warn(f"not caching the decoded dataset in {path.parent}: {e}", stacklevel=2)
-
-
-def _limit_split(builder, split: str, limit: int) -> str:
-    # "train[:54000]" limited to 512 -> "train[:512]"; "train[54000:]" -> "train[54000:54512]",
-    # never past the end of the slice (TFDS counts the examples of a sliced split name).
-    name, _, rest = split.partition("[")
-    start = int(rest.split(":")[0] or 0) if rest else 0
-    limit = min(limit, builder.info.splits[split].num_examples)
-    return f"{name}[{start}:{start + limit}]"
-
-
-def stream_batches(
-    builder,
-    split: str,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    train: bool,
-    image_size: int | None = None,
-    limit: int = 0,
-):
-    """This process's batches of ``split`` as numpy dicts, through tf.data.
-
-    Training batches are shuffled with a seed derived from ``(seed, epoch)`` (so a resumed epoch
-    sees the same order) and the remainder is dropped; eval batches keep every example and carry
-    a ``mask`` (the last batch is padded).
-    """
-    import tensorflow_datasets as tfds
-
-    tf = tfds_lib.import_tensorflow()
-    if limit:
-        split = _limit_split(builder, split, limit)
-    read = tfds.ReadConfig(shuffle_seed=seed + epoch, interleave_cycle_length=4)
-    ds = builder.as_dataset(split=split, shuffle_files=train, as_supervised=True, read_config=read)
-    ds = ds.shard(jax.process_count(), jax.process_index())
-    local = batch_size // jax.process_count()
-
-    def prepare(image, label):
-        if image_size:
-            image = tf.cast(tf.image.resize(image, (image_size, image_size)), tf.uint8)
-        return {"image": image, "label": tf.cast(label, tf.int32)}
-
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    if train:
-        ds = ds.shuffle(10 * local, seed=seed + epoch).batch(local, drop_remainder=True)
-        yield from tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
-        return
-    batch = None
-    for batch in tfds.as_numpy(ds.batch(local).prefetch(tf.data.AUTOTUNE)):
-        yield pad_batch(batch, local)
-    # Every process must run the same number of eval steps (each is a collective), but the
-    # shards differ by up to one example: pad with fully masked batches up to the largest shard.
-    n = builder.info.splits[split].num_examples
-    mine = len(range(jax.process_index(), n, jax.process_count()))
-    largest = -(-n // jax.process_count())
-    if batch is None and largest:
-        raise ConfigError(f"split {split} has {n} examples, fewer than the processes")
-    for _ in range(-(-mine // local), -(-largest // local)):
-        yield pad_batch({k: v[:0] for k, v in batch.items()}, local)
-
-
 def pad_batch(batch: dict, size: int) -> dict:
     """Pads a (last, short) eval batch to ``size`` rows and adds the ``mask`` of real rows."""
     n = len(batch["label"])
@@ -251,38 +111,4 @@ def slice_batch(split: dict, index, batch_size: int) -> dict:
     """Batch ``index`` of a device-resident split in stored order (evaluation)."""
     return jax.tree.map(
         lambda a: jax.lax.dynamic_slice_in_dim(a, index * batch_size, batch_size), split
-    )
-
-
-def fits_in_memory(builder, mode: str, max_bytes: int) -> bool:
-    """Whether the dataset should live on the device: ``mode`` yes/no, or auto by size (images
-    of unknown size never do)."""
-    if mode in ("yes", "no"):
-        return mode == "yes"
-    if mode != "auto":
-        raise ConfigError(f"data.in_memory must be auto, yes or no; got {mode!r}")
-    shape = builder.info.features[builder.info.supervised_keys[0]].shape
-    if None in shape:
-        return False
-    total = sum(s.num_examples for s in builder.info.splits.values())
-    return total * int(np.prod(shape)) <= max_bytes
-
-
-def dataset_info(builder, roles: dict, mean, std, limit: int = 0) -> DatasetInfo:
-    """Collects a builder's metadata into a DatasetInfo."""
-    image_key, label_key = builder.info.supervised_keys
-    features = builder.info.features
-    label = features[label_key]
-    counts = {role: builder.info.splits[s].num_examples for role, s in roles.items()}
-    if limit:
-        counts = {k: min(v, limit) for k, v in counts.items()}
-    return DatasetInfo(
-        name=builder.info.name,
-        image_shape=tuple(features[image_key].shape),
-        num_classes=label.num_classes,
-        class_names=tuple(label.names),
-        mean=tuple(mean),
-        std=tuple(std),
-        splits=dict(roles),
-        num_examples=counts,
     )
