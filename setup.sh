@@ -8,9 +8,10 @@
 # original files, which cnnjax finds by itself.
 set -euo pipefail
 cd "$(dirname "$0")"
+# Every mode installs the `prepare` extra (TensorFlow): the first run prepares Fashion-MNIST.
 case "${1:-}" in
-  "") extras="" ;;
-  test | cuda | tpu | onnx) extras="[$1]" ;;
+  "") extras="[prepare]" ;;
+  test | cuda | tpu | onnx) extras="[prepare,$1]" ;;
   *) echo "setup.sh: unknown option '$1'; use one of: test, cuda, tpu, onnx" >&2; exit 2 ;;
 esac
 python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
