@@ -189,13 +189,13 @@ def write_peer_data(data_dir: str | None, num_batches: int, path: Path) -> None:
     split and with the same per-channel statistics the cnnjax trainer uses."""
     import numpy as np
 
-    from cnnjax.data import pipeline
+    from cnnjax.data import pipeline, tfds_source
     from cnnjax.data import tfds as tfds_lib
 
     builder = tfds_lib.builder("fashion_mnist", data_dir)
     sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
     train_split = pipeline.split_names(sizes, 0.1)["train"]
-    full = pipeline.load_arrays(builder, train_split)
+    full = tfds_source.load_arrays(builder, train_split)
     mean, std = pipeline.channel_stats(full["image"])
     n = num_batches * BATCH_SIZE
     images = ((full["image"][:n] / 255.0 - mean) / std).astype(np.float32)

@@ -13,7 +13,7 @@ chex and pytest, but no TensorFlow, TFDS, ml_collections nor tensorboardX, and n
   (``dataset_info.json``, ``features.json``, the label names) and cnnjax's decoded-array cache
   (``cnnjax_arrays/*.npz``) of every split the ``default`` and ``fashion_mnist_best`` presets
   read, saved compressed (31 MB instead of 55). TFDS then takes the dataset for prepared, the
-  trainer reads the arrays from the cache (``pipeline.load_arrays``) and TensorFlow is never
+  trainer reads the arrays from the cache (``tfds_source.load_arrays``) and TensorFlow is never
   needed; TFDS's own TFRecord files are left out.
 
     python experiments/gpu_carry.py build     # here: TensorFlow, the Debian files, pip's index
@@ -110,8 +110,8 @@ def trainer_splits(builder, presets=PRESETS) -> set[str]:
 def build_data(out: Path) -> Path:
     """Fashion-MNIST's TFDS metadata and cnnjax's array cache under ``out``; returns its
     version directory."""
-    from cnnjax.data import pipeline
     from cnnjax.data import tfds as tfds_lib
+    from cnnjax.data import tfds_source
 
     with tempfile.TemporaryDirectory() as tmp:
         builder = tfds_lib.builder(DATASET, tmp)  # prepared from the Debian files, or downloaded
@@ -119,14 +119,14 @@ def build_data(out: Path) -> Path:
         target = out / source.relative_to(tmp)
         if target.exists():
             shutil.rmtree(target)
-        (target / pipeline.ARRAY_CACHE).mkdir(parents=True)
+        (target / tfds_source.ARRAY_CACHE).mkdir(parents=True)
         for path in source.iterdir():  # the metadata: every file but the TFRecord shards
             if path.is_file() and ".tfrecord" not in path.name:
                 shutil.copy2(path, target / path.name)
         for split in sorted(trainer_splits(builder)):
-            arrays = pipeline.load_arrays(builder, split)  # decodes once, through TensorFlow
-            name = pipeline.array_cache_path(builder, split).name
-            np.savez_compressed(target / pipeline.ARRAY_CACHE / name, **arrays)
+            arrays = tfds_source.load_arrays(builder, split)  # decodes once, through TensorFlow
+            name = tfds_source.array_cache_path(builder, split).name
+            np.savez_compressed(target / tfds_source.ARRAY_CACHE / name, **arrays)
     return target
 
 

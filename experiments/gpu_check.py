@@ -169,7 +169,7 @@ def write_synthetic_tfds(name: str, data_dir: Path, sizes: dict, fractions) -> P
     """
     import tensorflow_datasets as tfds
 
-    from cnnjax.data import pipeline
+    from cnnjax.data import pipeline, tfds_source
 
     builder = tfds.builder_cls(name)(data_dir=str(data_dir))
     Path(builder.data_dir).mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ def write_synthetic_tfds(name: str, data_dir: Path, sizes: dict, fractions) -> P
     arrays = synthetic_splits(sizes, shape, classes)
     for fraction in fractions:
         for split in pipeline.split_names(sizes, fraction).values():
-            path = pipeline.array_cache_path(builder, split)
+            path = tfds_source.array_cache_path(builder, split)
             path.parent.mkdir(exist_ok=True)
             base, _, rest = split.partition("[")
             lo, _, hi = rest.rstrip("]").partition(":")

@@ -76,12 +76,12 @@ class PlainCifarNet(nn.Module):
 
 def load_data(data_dir: str | None, num_train: int, num_test: int) -> dict:
     """Normalised Fashion-MNIST: the first ``num_train`` training and ``num_test`` test images."""
-    from cnnjax.data import pipeline
+    from cnnjax.data import pipeline, tfds_source
     from cnnjax.data import tfds as tfds_lib
 
     builder = tfds_lib.builder("fashion_mnist", data_dir)
-    train = pipeline.load_arrays(builder, "train", num_train)  # stored order: already shuffled
-    test = pipeline.load_arrays(builder, "test", num_test)
+    train = tfds_source.load_arrays(builder, "train", num_train)  # stored order: already shuffled
+    test = tfds_source.load_arrays(builder, "test", num_test)
     mean, std = (jnp.asarray(s) for s in pipeline.channel_stats(train["image"]))
     return {
         "train": (steps.normalize(train["image"], mean, std), jnp.asarray(train["label"])),

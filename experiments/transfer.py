@@ -38,7 +38,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from cnnjax import cli, configs
-from cnnjax.data import pipeline
+from cnnjax.data import pipeline, tfds_source
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.train import optim, steps, transfer
 from cnnjax.train import setup as setup_lib
@@ -99,7 +99,7 @@ def load_tasks(config) -> dict:
     classes 5-9's train, sampled per seed later) and ``target_test``."""
     d = config.data
     builder = tfds_lib.builder(config.dataset, d.data_dir, d.local_dir, d.download)
-    train, test = (pipeline.load_arrays(builder, s) for s in ("train", "test"))
+    train, test = (tfds_source.load_arrays(builder, s) for s in ("train", "test"))
     return {
         "source_train": select_classes(train, SOURCE_CLASSES),
         "source_test": select_classes(test, SOURCE_CLASSES),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import DEBIAN_FASHION_MNIST
 
-from cnnjax.data import pipeline
+from cnnjax.data import pipeline, tfds_source
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import ConfigError, DataUnavailableError, UnknownNameError
 
@@ -35,7 +35,7 @@ def test_split_roles():
 def test_offline_fashion_mnist_is_the_real_dataset(fmnist_data_dir):
     builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
     assert builder.is_prepared()
-    test = pipeline.load_arrays(builder, "test")
+    test = tfds_source.load_arrays(builder, "test")
     assert test["image"].shape == (10000, 28, 28, 1) and test["image"].dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(test["label"]), [1000] * 10)
     # The same examples as the raw IDX files (TFDS stores them in its own shuffled order).
@@ -49,18 +49,18 @@ def test_offline_fashion_mnist_is_the_real_dataset(fmnist_data_dir):
             np.sort(ours[test["label"] == c].sum(1)),
             np.sort(raw_images[raw_labels == c].astype(np.int64).sum(1)),
         )
-    limited = pipeline.load_arrays(builder, "train[54000:]", limit=100)
+    limited = tfds_source.load_arrays(builder, "train[54000:]", limit=100)
     assert limited["image"].shape[0] == 100
     # A limit larger than a carved slice stops at the slice's end.
-    assert pipeline.load_arrays(builder, "train[54000:]", limit=8000)["image"].shape[0] == 6000
+    assert tfds_source.load_arrays(builder, "train[54000:]", limit=8000)["image"].shape[0] == 6000
 
 
 def test_decoded_splits_are_cached_and_a_bad_cache_is_rebuilt(fmnist_data_dir):
     builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
-    first = pipeline.load_arrays(builder, "train", limit=300)
-    path = pipeline.array_cache_path(builder, "train[0:300]")
+    first = tfds_source.load_arrays(builder, "train", limit=300)
+    path = tfds_source.array_cache_path(builder, "train[0:300]")
     assert path.is_file()
-    cached = pipeline.load_arrays(builder, "train", limit=300)
+    cached = tfds_source.load_arrays(builder, "train", limit=300)
     for k in ("image", "label"):
         np.testing.assert_array_equal(cached[k], first[k])
         assert cached[k].dtype == first[k].dtype
@@ -71,7 +71,7 @@ def test_decoded_splits_are_cached_and_a_bad_cache_is_rebuilt(fmnist_data_dir):
     )
     for damage in damages:
         damage()
-        rebuilt = pipeline.load_arrays(builder, "train", limit=300)
+        rebuilt = tfds_source.load_arrays(builder, "train", limit=300)
         np.testing.assert_array_equal(rebuilt["image"], first["image"])
         with np.load(path) as f:
             assert f["image"].shape == (300, 28, 28, 1)
@@ -86,21 +86,21 @@ def test_unwritable_cache_only_warns(fmnist_data_dir, monkeypatch):
 
     monkeypatch.setattr(pipeline.np, "savez", refuse)
     with pytest.warns(UserWarning, match="not caching the decoded dataset"):
-        arrays = pipeline.load_arrays(builder, "train", limit=77)
+        arrays = tfds_source.load_arrays(builder, "train", limit=77)
     assert arrays["image"].shape == (77, 28, 28, 1)
-    path = pipeline.array_cache_path(builder, "train[0:77]")
+    path = tfds_source.array_cache_path(builder, "train[0:77]")
     assert not path.exists() and not list(path.parent.glob("*.tmp"))
 
 
 def test_a_cached_split_loads_without_tensorflow(fmnist_data_dir):
     """The cache is what spares a run the TensorFlow import (seconds) and the image decoding."""
     builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
-    pipeline.load_arrays(builder, "test")
+    tfds_source.load_arrays(builder, "test")
     code = (
         "import sys\n"
         "from cnnjax.data import pipeline, tfds\n"
         "b = tfds.builder('fashion_mnist', sys.argv[1])\n"
-        "assert pipeline.load_arrays(b, 'test')['image'].shape == (10000, 28, 28, 1)\n"
+        "assert tfds_source.load_arrays(b, 'test')['image'].shape == (10000, 28, 28, 1)\n"
         "print('tensorflow' in sys.modules)\n"
     )
     out = subprocess.run(

@@ -103,11 +103,11 @@ def out(workdir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(fmnist_data_dir):
     """The first Fashion-MNIST test images, uint8 (8, 28, 28, 1)."""
-    from cnnjax.data import pipeline
     from cnnjax.data import tfds as tfds_lib
+    from cnnjax.data import tfds_source
 
     builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
-    return pipeline.load_arrays(builder, "test", limit=max(BATCHES))["image"]
+    return tfds_source.load_arrays(builder, "test", limit=max(BATCHES))["image"]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Training a resident dataset needs no TensorFlow once the dataset is prepared: the decoded
-splits come from the array cache (``pipeline.load_arrays``), so TensorFlow never starts and never
+splits come from the array cache (``tfds_source.load_arrays``), so TensorFlow never starts and never
 touches an accelerator's memory at training time."""
 
 import os

@@ -40,11 +40,11 @@ def predictor(workdir):
 @pytest.fixture(scope="module")
 def test_arrays(fmnist_data_dir):
     """The first Fashion-MNIST test images: ``image`` uint8 (N, 28, 28, 1), ``label`` (N,)."""
-    from cnnjax.data import pipeline
     from cnnjax.data import tfds as tfds_lib
+    from cnnjax.data import tfds_source
 
     builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
-    return pipeline.load_arrays(builder, "test", limit=NUM_IMAGES)
+    return tfds_source.load_arrays(builder, "test", limit=NUM_IMAGES)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from torchvision_models import import_torchvision
 
 import cnnjax.models.pretrained as pretrained
 from cnnjax import configs
-from cnnjax.data import pipeline
+from cnnjax.data import pipeline, tfds_source
+from cnnjax.data import tfds as tfds_lib
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CheckpointError, ConfigError, UnknownNameError
 from cnnjax.models.pretrained import hub
@@ -134,8 +135,8 @@ def test_predictor_applies_the_runs_preprocessing(run, fmnist_data_dir):
     _, workdir = run
     predictor = prediction.load_predictor(workdir)
     trained = trained_lib.load_run(workdir)
-    builder = pipeline.tfds_lib.builder("fashion_mnist", fmnist_data_dir)
-    images = pipeline.load_arrays(builder, "test", limit=8)["image"]
+    builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
+    images = tfds_source.load_arrays(builder, "test", limit=8)["image"]
     got = predictor.predict(images)
     logits = trained.model.apply(trained.variables, reference_inputs(images), train=False)
     # The same float32 operations in another order (jit fusion) differ by a few ulp per layer;
@@ -150,8 +151,8 @@ def test_inspection_feeds_the_model_what_training_did(run, fmnist_data_dir):
 
     _, workdir = run
     images, labels = inspection.load_inputs(inspection.load_model(workdir), num_images=4)
-    builder = pipeline.tfds_lib.builder("fashion_mnist", fmnist_data_dir)
-    raw = pipeline.load_arrays(builder, "test", limit=4)
+    builder = tfds_lib.builder("fashion_mnist", fmnist_data_dir)
+    raw = tfds_source.load_arrays(builder, "test", limit=4)
     np.testing.assert_array_equal(labels, raw["label"])
     # Same float32 ops on values of magnitude ~2: a few ulp (2.4e-7 each).
     np.testing.assert_allclose(images, reference_inputs(raw["image"]), atol=1e-5)
