@@ -1,13 +1,17 @@
-"""Training a resident dataset needs no TensorFlow once the dataset is prepared: the decoded
-splits come from the array cache (``tfds_source.load_arrays``), so TensorFlow never starts and never
-touches an accelerator's memory at training time."""
+"""Training, evaluating and predicting need no TensorFlow once a TFDS dataset is prepared
+(resident: the decoded splits come from the array cache, ``tfds_source.load_arrays``; streamed:
+Grain reads the ArrayRecord files through TFDS's data source), nor on a folder of images, so
+TensorFlow never starts and never touches an accelerator's memory."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cnnjax.train import parallel
 from cnnjax.train import setup as setup_lib
@@ -38,25 +42,62 @@ sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
 NO_TENSORFLOW = (
     BLOCK
     + """
+import json
 from cnnjax import configs
-from cnnjax.train import hooks, loop, resume
-from cnnjax.train import setup as setup_lib
+from cnnjax.tools import evaluate, predict
+from cnnjax.train import loop
 config = configs.get("tiny")
-config.data.data_dir = sys.argv[1]
+config.data.data_dir, workdir = sys.argv[1], sys.argv[2]
 config.num_epochs = 1
-line = loop.train_and_evaluate(config, sys.argv[2])
+for key, value in json.loads(sys.argv[3]).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+line = loop.train_and_evaluate(config, workdir)
+assert evaluate.evaluate_run(workdir)["test_accuracy"] > 0.2
+images = evaluate.trained.load_run(workdir).image_shape
+probs = predict.load_predictor(workdir).predict(__import__("numpy").zeros((2, *images), "uint8"))
+assert probs.shape[0] == 2
 assert "tensorflow" not in sys.modules, "imported"
 print("test_accuracy", line["test_accuracy"])
 """
 )
 
 
+def image_folder(root: Path, per_class: int = 40) -> Path:
+    """A folder of 3 classes of 16 px PNG images (a bright square at a class's corner)."""
+    rng = np.random.default_rng(0)
+    for label, (y, x) in enumerate([(0, 0), (0, 8), (8, 0)]):
+        (root / f"class{label}").mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 60, (16, 16), np.uint8)
+            image[y : y + 8, x : x + 8] += 150
+            Image.fromarray(image).save(root / f"class{label}" / f"{i}.png")
+    return root
+
+
 @pytest.mark.slow
-def test_resident_training_runs_with_tensorflow_unimportable(tiny_config, tmp_path):
-    setup_lib.open_data(tiny_config, parallel.make_mesh())  # prepares the array cache
+@pytest.mark.parametrize("mode", ["resident", "streamed", "folder"])
+def test_training_evaluating_and_predicting_with_tensorflow_unimportable(
+    mode, tiny_config, tmp_path
+):
+    setup_lib.open_data(tiny_config, parallel.make_mesh())  # prepares the dataset and its cache
+    overrides = {
+        "resident": {},
+        "streamed": {"data.in_memory": "no"},
+        "folder": {
+            "dataset": f"folder:{image_folder(tmp_path / 'images')}",
+            "data.limit_examples": 0,
+            "batch_size": 16,
+            "data.eval_batch_size": 8,
+        },
+    }[mode]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [tiny_config.data.data_dir, str(tmp_path / "run"), json.dumps(overrides)]
     out = subprocess.run(
-        [sys.executable, "-c", NO_TENSORFLOW, tiny_config.data.data_dir, str(tmp_path / "run")],
+        [sys.executable, "-c", NO_TENSORFLOW, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
