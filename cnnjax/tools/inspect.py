@@ -611,11 +611,8 @@ def load_inputs(
     # A run's own preprocessing (a run from torchvision weights resizes and makes RGB).
     preprocess = preprocessing.of(info) if info else Preprocess.normalize_only((0.0,), (1.0,))
     if image_files:
-        shape = (
-            trained.data_image_shape(info, loaded.config.data.get("image_size"))
-            if info
-            else loaded.image_shape
-        )
+        image_size = loaded.config.data.get("image_size") if loaded.config else None
+        shape = trained.data_image_shape(info, image_size) if info else loaded.image_shape
         raw = np.stack(
             [
                 prediction.load_image(f, shape, preprocess.resize_size, preprocess.method)
