@@ -176,9 +176,10 @@ KEYS = (
     Key("data.in_memory_max_bytes", 2 * 1024**3, _COUNT,
         "auto: datasets up to this size, in bytes, stay on the device."),
     Key("data.image_size", Unset(int), r.either(r.NONE, _POSITIVE_INT),
-        "Side, in px, a folder's images and a streamed dataset's images are resized to when "
-        "read; None: as they are (they must then share one size). From torchvision weights: "
-        "the side the model sees (resized on the device), default the weights' crop size."),
+        "Side, in px, the images of a folder (or of a TFDS dataset whose images differ in size) "
+        "are resized to when read; None: as they are (they must then share one size). From "
+        "torchvision weights: the side the model sees (resized on the device), default the "
+        "weights' crop size."),
     Key("data.channels", 0, r.Rule("0, 1 or 3", lambda v: v in (0, 1, 3) and type(v) is int),
         "A folder's images as grey (1) or RGB (3); 0: as most of them are."),
     Key("data.test_fraction", 0.1, _FRACTION_BELOW_1,

@@ -284,7 +284,7 @@ def open_feed(reading: Reading, mesh, batch_size: int, info=None, roles=None) ->
 
 def _streamed(source, spec: str, image_size: int | None) -> source_lib.Split:
     """Split ``spec`` for streaming, its images resized to ``image_size`` when the dataset's
-    differ in size (a folder source resizes its own)."""
+    differ in size (a folder source resizes its own; such a dataset is never resident)."""
     split = source.split(spec)
     if None in source.image_shape:
         if not image_size:
@@ -314,10 +314,7 @@ def dataset_info(source, specs: dict, read: dict, mean, std) -> pipeline.Dataset
 
 def first_examples(reading: Reading, spec: str, count: int) -> dict:
     """The first ``count`` examples of split ``spec`` as host numpy (``image`` uint8, ``label``
-    int32) as training read them (resized where it streamed), without reading the rest: what
-    the pictures of a run show."""
+    int32) as training read them, without reading the rest: what the pictures of a run show."""
     source = open_source(reading)
-    split = source.split(spec)
-    if not fits_in_memory(source, reading.in_memory, reading.in_memory_max_bytes):
-        split = _streamed(source, spec, reading.image_size)
+    split = _streamed(source, spec, reading.image_size)  # resident data: the same examples
     return source_lib.gather(split, range(min(count, len(split))))
