@@ -20,6 +20,7 @@ streamed split gives each process its rows, assembled into the global batch with
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -85,17 +86,7 @@ def open_source(reading: Reading) -> source_lib.Source:
     dataset (prepared by process 0 before the other processes look: they would otherwise all
     download and convert it into the same data_dir at once)."""
     if reading.dataset.startswith(FOLDER):
-        from cnnjax.data import folder
-
-        return folder.open_folder(
-            reading.dataset[len(FOLDER) :],
-            reading.image_size,
-            reading.channels or None,
-            reading.validation_fraction,
-            reading.test_fraction,
-            reading.seed,
-            None if reading.data_dir is None else f"{reading.data_dir}/cnnjax_folders",
-        )
+        return _open_folder(reading)
     from cnnjax.data import tfds_source
 
     r = reading
@@ -109,11 +100,26 @@ def open_source(reading: Reading) -> source_lib.Source:
     return tfds_source.TfdsSource(builder or make())
 
 
+@functools.lru_cache(maxsize=4)  # checked before the workdir is written, then opened in setup
+def _open_folder(reading: Reading):
+    from cnnjax.data import folder
+
+    return folder.open_folder(
+        reading.dataset[len(FOLDER) :],
+        reading.image_size,
+        reading.channels or None,
+        reading.validation_fraction,
+        reading.test_fraction,
+        reading.seed,
+        None if reading.data_dir is None else f"{reading.data_dir}/cnnjax_folders",
+    )
+
+
 def check_source(reading: Reading) -> None:
     """Opens a folder dataset, so that a bad folder is one line before anything is written
-    (a TFDS dataset is checked where it is prepared)."""
+    (a TFDS dataset is checked where it is prepared, under the workdir's lock)."""
     if reading.dataset.startswith(FOLDER):
-        open_source(reading)
+        _open_folder(reading)
 
 
 @dataclasses.dataclass
