@@ -57,6 +57,18 @@ def inputs(tmp_path_factory) -> Path:
     (d / "empty.png").write_bytes(b"")
     (d / "raising.py").write_text("def get_config():\n    raise RuntimeError('boom')\n")
     Image.fromarray(np.full((28, 28), 128, np.uint8)).save(d / "good.png")
+    # Image folders that are not datasets (--config.dataset=folder:PATH)
+    for image in (
+        "one_class/cat/1.png",
+        "empty_class/cat/1.png",
+        "not_image/cat/1.png",
+        "not_image/dog/2.png",
+    ):
+        (d / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 9, np.uint8)).save(d / image)
+    (d / "empty_class" / "dog").mkdir()
+    (d / "not_image" / "dog" / "notes.txt").write_text("not an image")
+    (d / "no_classes").mkdir()
     return d
 
 
@@ -127,6 +139,20 @@ CASES = [
     ("epochs_negative_on_run", "train", [T, "--workdir={run}", "--config.num_epochs=-1"], 2,
      "num_epochs=-1"),
     ("truncated_config_json", "train", [T, "--workdir={copy}"], 2, "config.json is unreadable"),
+    # train: a folder of images that is not a dataset, refused before the workdir is written
+    ("folder_missing", "train", [T, "--workdir={new}", "--config.dataset=folder:{in}/nope"], 2,
+     "dataset folder {in}/nope does not exist"),
+    ("folder_no_classes", "train",
+     [T, "--workdir={new}", "--config.dataset=folder:{in}/no_classes"], 2,
+     "no_classes has no class folders"),
+    ("folder_one_class", "train", [T, "--workdir={new}", "--config.dataset=folder:{in}/one_class"],
+     2, "one_class has one class folder (cat): a classifier needs two or more"),
+    ("folder_empty_class", "train",
+     [T, "--workdir={new}", "--config.dataset=folder:{in}/empty_class"], 2,
+     "empty_class/dog: class folder without images"),
+    ("folder_not_an_image", "train",
+     [T, "--workdir={new}", "--config.dataset=folder:{in}/not_image"], 2,
+     "not_image/dog/notes.txt: not an image file"),
     # train: after the data is read
     ("init_from_other_model", "train",
      [T, "--workdir={new}", "--config.data.data_dir={data}", "--config.init_from={run}",
@@ -197,6 +223,8 @@ def test_bad_input_is_one_error_line(module, args, status, fragment, inputs, tmp
     assert len(errors) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert fragment.format(**places) in errors[0]
+    if "dataset=folder:" in text:  # refused before anything was written
+        assert not places["new"].exists()
     if places["run"] is not None:  # byte-identical to the digest taken before the battery
         assert digest(run) == before
 
