@@ -322,10 +322,11 @@ def test_fake_devices_get_enough_cpu_threads():
 
 @pytest.mark.slow
 def test_streamed_evaluation_counts_every_example_once(fmnist_data_dir, tmp_path):
-    """A streamed dataset over 2 processes: 201 examples per split make shards of 101 and 100,
-    6 and 5 eval batches of 20 per process, so process 1 runs one fully masked batch to keep the
-    collectives in step. The run completes, and its validation accuracy (every example counted
-    once) equals one process's ``evaluate_run`` of the same checkpoint.
+    """A streamed dataset over 2 processes: 201 examples per split make 6 global eval batches of
+    40, each process reading its 20 rows of each, the last batch padded and masked (process 1's
+    rows of it are all padding: it still runs the step, keeping the collectives in step). The
+    run completes, and its validation accuracy (every example counted once) equals one
+    process's ``evaluate_run`` of the same checkpoint.
 
     Known and unexplained: the trainer's in-run ``eval_loss`` differed from ``evaluate_run``'s by
     5.8e-4 relative in this setting (1.73135 against 1.73035), while ``evaluate_run`` itself in 2

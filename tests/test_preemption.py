@@ -107,8 +107,8 @@ def test_signals_stop_with_a_checkpoint_and_the_run_resumes_bit_identically(
 
 @pytest.mark.slow
 def test_streamed_data_resumes_mid_epoch_bit_identically(fmnist_data_dir, tmp_path):
-    """The streaming path: the resumed process re-reads epoch 2's tf.data order and drops the
-    batches already trained before step 11."""
+    """The streaming path: the resumed process starts epoch 2's Grain order at the batch after
+    step 11, reading none of the batches trained before it."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     streamed = "--config.data.in_memory=no"
     reference = start_reference(fmnist_data_dir, straight, streamed)
