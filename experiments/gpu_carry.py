@@ -52,6 +52,10 @@ CARRY_PACKAGES = (
     "tensorflow-metadata",
     "toml",
     "wrapt",
+    "grain",  # streamed input (cnnjax.data.stream), and what it imports
+    "array-record",
+    "cloudpickle",
+    "portpicker",
     "ml_collections",  # configs
     "tensorboardX",  # metrics
     "tqdm",  # the trainer's progress bar
@@ -120,11 +124,11 @@ def build_data(out: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         (target / tfds_source.ARRAY_CACHE).mkdir(parents=True)
-        for path in source.iterdir():  # the metadata: every file but the TFRecord shards
-            if path.is_file() and ".tfrecord" not in path.name:
+        for path in source.iterdir():  # the metadata: every file but the data shards
+            if path.is_file() and not any(s in path.name for s in (".tfrecord", ".array_record")):
                 shutil.copy2(path, target / path.name)
         for split in sorted(trainer_splits(builder)):
-            arrays = tfds_source.load_arrays(builder, split)  # decodes once, through TensorFlow
+            arrays = tfds_source.load_arrays(builder, split)  # decodes once
             name = tfds_source.array_cache_path(builder, split).name
             np.savez_compressed(target / tfds_source.ARRAY_CACHE / name, **arrays)
     return target

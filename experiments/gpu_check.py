@@ -165,13 +165,14 @@ def write_synthetic_tfds(name: str, data_dir: Path, sizes: dict, fractions) -> P
     """A TFDS data_dir where ``name`` (a registered TFDS image dataset: cifar10, fashion_mnist)
     looks prepared with ``sizes`` examples per split, and cnnjax's array cache holds synthetic
     images for every split string the trainer asks for with those validation ``fractions``.
-    TFDS writes its own metadata (no TensorFlow needed); its TFRecord files do not exist.
+    TFDS writes its own metadata (no TensorFlow needed), in ArrayRecord format as cnnjax
+    prepares datasets (so nothing is converted); its ArrayRecord files do not exist.
     """
     import tensorflow_datasets as tfds
 
     from cnnjax.data import pipeline, tfds_source
 
-    builder = tfds.builder_cls(name)(data_dir=str(data_dir))
+    builder = tfds.builder_cls(name)(data_dir=str(data_dir), file_format="array_record")
     Path(builder.data_dir).mkdir(parents=True, exist_ok=True)
     template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
     infos = [
@@ -179,7 +180,7 @@ def write_synthetic_tfds(name: str, data_dir: Path, sizes: dict, fractions) -> P
             name=split, shard_lengths=[n], num_bytes=0,
             filename_template=tfds.core.ShardedFileTemplate(
                 data_dir=builder.data_dir, template=template, dataset_name=name, split=split,
-                filetype_suffix="tfrecord"),
+                filetype_suffix="array_record"),
         )
         for split, n in sizes.items()
     ]  # fmt: skip
