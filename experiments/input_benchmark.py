@@ -20,7 +20,7 @@ a temporary folder, 333 to 500 pixels a side), decode it, take an Inception-styl
   pipeline and the step share the cores).
 
 Each row runs in its own fresh process; the input rows run ``--rounds`` times in alternating
-order (A, B, ..., B, A) and keep their best round, the step rows run once (a ResNet-50 compile,
+order (A, B, ..., B, A) and report their median round, the step rows run once (a ResNet-50 compile,
 shared through a compilation cache). Figures are measured after a warm-up (the compile; worker
 start-up); every ratio is within this invocation. CPU ms/image sums the CPU time of the process
 and its workers: on a machine shared with other jobs it moves less than images/s, which is
@@ -35,6 +35,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -277,18 +278,21 @@ def step_rows(args) -> list[str]:
 
 
 def measure(args, folder: Path) -> dict:
-    """Row -> its best round's result; the input rows alternate their order round by round,
+    """Row -> its results, one per round; the input rows alternate their order round by round,
     the step rows (long: a ResNet-50 compile and steps) run once."""
-    best = {}
+    results = {}
     for r in range(args.rounds):
         order = input_rows(args) if r % 2 == 0 else input_rows(args)[::-1]
         for row in order + (step_rows(args) if r == 0 else []):
             result = run_child(args, row, folder)
-            if result["ips"] > best.get(row, {"ips": 0.0})["ips"]:
-                best[row] = result
+            results.setdefault(row, []).append(result)
             cpu = f", {result['cpu_ms']:.2f} CPU ms/image" if "cpu_ms" in result else ""
             print(f"  round {r + 1}: {row:<18} {result['ips']:7.1f} images/s{cpu}", file=sys.stderr)
-    return best
+    return results
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
 
 
 def row_name(row: str) -> str:
@@ -312,24 +316,29 @@ def cpu_model() -> str:
         return "unknown"
 
 
-def print_table(args, best: dict) -> None:
-    step, tf_rate = best["step"]["ips"], best["tfdata"]["ips"]
+def print_table(args, results: dict) -> None:
+    step, tf_rate = median(results["step"], "ips"), median(results["tfdata"], "ips")
     print(
         f"\n{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
-        f"batch {args.batch_size}, {IMAGE_SIZE} px, {args.images} JPEGs, "
-        f"input rows best of {args.rounds} round(s)"
+        f"batch {args.batch_size}, {IMAGE_SIZE} px, {args.images} JPEGs; input rows: median "
+        f"(min-max) of {args.rounds} round(s)"
     )
-    print(f"{'pipeline':<28} {'images/s':>9} {'CPU ms/img':>11} {'/ tf.data':>10} {'/ step':>8}")
+    header = f"{'pipeline':<28} {'images/s':>9} {'(min-max)':>13} {'CPU ms/img':>11}"
+    print(f"{header} {'/ tf.data':>10} {'/ step':>8}")
     for row in input_rows(args) + step_rows(args):
-        ips, cpu = best[row]["ips"], best[row].get("cpu_ms")
-        cpu = f"{cpu:11.2f}" if cpu else " " * 11
-        vs_tf = f"{ips / tf_rate:10.2f}" if row in input_rows(args) else " " * 10
-        print(f"{row_name(row):<28} {ips:9.1f} {cpu} {vs_tf} {ips / step:8.2f}")
-    grain_best = max(best[r]["ips"] for r in input_rows(args) if r.endswith(":pil"))
-    fed = best[step_rows(args)[1]]["ips"]
+        ips = median(results[row], "ips")
+        rates = [r["ips"] for r in results[row]]
+        spread = f"({min(rates):.0f}-{max(rates):.0f})" if len(rates) > 1 else ""
+        cpu = f"{median(results[row], 'cpu_ms'):11.2f}" if "cpu_ms" in results[row][0] else ""
+        vs_tf = f"{ips / tf_rate:10.2f}" if row in input_rows(args) else ""
+        print(
+            f"{row_name(row):<28} {ips:9.1f} {spread:>13} {cpu:>11} {vs_tf:>10} {ips / step:8.2f}"
+        )
+    grain_best = max(median(results[r], "ips") for r in input_rows(args) if r.endswith(":pil"))
+    fed = median(results[step_rows(args)[1]], "ips")
     verdict = "keeps" if grain_best >= step else "does NOT keep"
     print(
-        f"\nGrain (PIL) alone makes {grain_best / step:.1f}x the images the step consumes: it "
+        f"\nGrain (PIL) alone makes {grain_best / step:.0f}x the images the step consumes: it "
         f"{verdict} the step busy; fed by it, the step runs at {fed / step:.2f}x its speed on a "
         "resident batch (the pipeline and the step share these cores)."
     )
@@ -349,8 +358,8 @@ def main(argv=None):
             f"written in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
-        best = measure(args, Path(tmp))
-    print_table(args, best)
+        results = measure(args, Path(tmp))
+    print_table(args, results)
 
 
 if __name__ == "__main__":

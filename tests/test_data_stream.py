@@ -156,6 +156,25 @@ def test_eval_covers_every_example_once_in_order_with_a_mask(processes):
             assert not batch["label"][~batch["mask"]].any()
 
 
+class VariedSplit:
+    """Images of different sizes (as a folder of photos): example i is (10 + i) x (30 - i)."""
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, index):
+        image = np.full((10 + index, 30 - index, 3), 10 * index, np.uint8)
+        return {"image": image, "label": index}
+
+
+def test_eval_map_fn_makes_images_of_any_size_one_batch_shape():
+    batches = list(stream.eval_batches(VariedSplit(), 4, map_fn=stream.resize_center_crop(8)))
+    assert [b["image"].shape for b in batches] == [(4, 8, 8, 3)] * 2
+    np.testing.assert_array_equal(batches[1]["mask"], [True, True, True, False])
+    np.testing.assert_array_equal(batches[1]["image"][:3, 0, 0, 0], [40, 50, 60])  # flat images
+    assert not batches[1]["image"][3].any()
+
+
 def test_batches_that_do_not_split_over_processes_or_an_epoch_without_a_batch_are_refused():
     with pytest.raises(ConfigError, match="does not split over 3 processes"):
         stream.train_batches(ArraySplit(50), 8, seed=0, epoch=0, process_count=3)
@@ -165,6 +184,8 @@ def test_batches_that_do_not_split_over_processes_or_an_epoch_without_a_batch_ar
         stream.train_batches(ArraySplit(50), 64, seed=0, epoch=0)
     with pytest.raises(ConfigError, match="size >= 1"):
         stream.random_resized_crop_flip(224, scale=(0.5, 0.1))
+    with pytest.raises(ConfigError, match="crop_fraction <= 1"):
+        stream.resize_center_crop(224, crop_fraction=1.5)
 
 
 def _ks_statistic(a, b) -> float:
@@ -228,6 +249,21 @@ def test_random_resized_crop_flip_is_torchvision_pixels_for_the_same_box_and_fli
     assert 0 < flips < 40
     gray = crop({"image": image[..., :1], "label": 0}, np.random.default_rng(0))["image"]
     assert gray.shape == (24, 24, 1) and gray.dtype == np.uint8
+
+
+@pytest.mark.slow  # imports torch and torchvision (seconds)
+def test_resize_center_crop_is_torchvision_resize_then_center_crop():
+    from PIL import Image
+    from torchvision_models import import_torchvision
+
+    transforms = import_torchvision().transforms
+    rng = np.random.default_rng(2)
+    for height, width in [(375, 500), (500, 333), (240, 240), (97, 131)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        expected = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+        out = stream.resize_center_crop(224)({"image": image, "label": 3})
+        np.testing.assert_array_equal(out["image"], np.asarray(expected(Image.fromarray(image))))
+        assert out["label"] == 3
 
 
 # ------------------------------------------------------------------------ TFDS without TensorFlow

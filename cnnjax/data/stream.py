@@ -24,7 +24,8 @@ Training (``train_batches``), epoch ``e`` of a run with ``seed``:
 
 Evaluation (``eval_batches``): every example once in stored order; global batch ``i`` is
 examples ``i*B ..`` split over the processes as above, the last one padded with a ``mask`` of
-real rows, so every process yields ``ceil(len(split) / B)`` batches.
+real rows, so every process yields ``ceil(len(split) / B)`` batches. Its optional ``map_fn`` is
+deterministic (``resize_center_crop``).
 
 Every batch: ``image`` uint8 (b, H, W, C), ``label`` int32 (b,), and for evaluation ``mask``
 bool (b,).
@@ -103,6 +104,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     workers: int = 0,
+    map_fn=None,
     prefetch: int = PREFETCH,
 ):
     """This process's evaluation batches: every example once, in stored order, masked.
@@ -113,6 +115,8 @@ def eval_batches(
       process_index: this process, in [0, process_count).
       process_count: the number of processes.
       workers: worker processes computing batches (0: threads of this process).
+      map_fn: optional deterministic ``map_fn(example) -> example`` run on every example (in
+        the workers), e.g. ``resize_center_crop(224)`` for images of any size.
       prefetch: batches computed ahead by each process.
 
     Returns:
@@ -126,7 +130,7 @@ def eval_batches(
     if len(split) == 0:
         raise ConfigError("the evaluation split is empty")
     steps = -(-len(split) // batch_size)
-    ds = grain.MapDataset.source(_Padded(split, steps * batch_size)).batch(local)
+    ds = grain.MapDataset.source(_Padded(split, steps * batch_size, map_fn)).batch(local)
     return _iterate(ds[process_index::process_count], workers, prefetch)
 
 
@@ -161,21 +165,26 @@ def _typed(example: dict) -> dict:
 
 
 class _Padded:
-    """``split``, then zero examples with ``mask`` False up to ``length`` (a ``Split``)."""
+    """``split`` mapped by ``map_fn``, then zero examples with ``mask`` False up to ``length``
+    (a ``Split``)."""
 
-    def __init__(self, split, length: int):
+    def __init__(self, split, length: int, map_fn=None):
         self.split = split
         self.length = length
-        first = _typed(split[0])
-        self.filler = {**{k: np.zeros_like(v) for k, v in first.items()}, "mask": np.False_}
+        self.map_fn = map_fn
+        first = self[0]
+        self.filler = {k: np.zeros_like(v) for k, v in first.items()}
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        if index < len(self.split):
-            return {**_typed(self.split[index]), "mask": np.True_}
-        return self.filler
+        if index >= len(self.split):
+            return self.filler
+        example = self.split[index]
+        if self.map_fn is not None:
+            example = self.map_fn(example)
+        return {**_typed(example), "mask": np.True_}
 
 
 def _iterate(ds: grain.MapDataset, workers: int, prefetch: int):
@@ -253,6 +262,42 @@ def random_resized_crop_flip(size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
             f"increasing; got size={size}, scale={scale}, ratio={ratio}"
         )
     return RandomResizedCropFlip(size, tuple(scale), tuple(ratio))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeCenterCrop:
+    """The evaluation counterpart of ``RandomResizedCropFlip``: the shorter side resized to
+    ``round(size / crop_fraction)``, then the central ``size`` x ``size`` (torchvision's
+    ``Resize(round(size / crop_fraction))`` then ``CenterCrop(size)`` on a PIL image: 256 then
+    224 for the default). A ``map_fn`` for ``eval_batches``: ``image`` uint8 (H, W, C) of any
+    size in, uint8 (size, size, C) out."""
+
+    size: int
+    crop_fraction: float = 0.875
+
+    def __call__(self, example: dict) -> dict:
+        image = np.asarray(example["image"])
+        h, w = image.shape[:2]
+        short = round(self.size / self.crop_fraction)
+        # torchvision's rounding: the longer side is truncated, the crop offset rounded.
+        new_h, new_w = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+        top, left = round((new_h - self.size) / 2), round((new_w - self.size) / 2)
+        channels = image.shape[2]
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        pil = pil.resize((new_w, new_h), Image.BILINEAR)
+        pil = pil.crop((left, top, left + self.size, top + self.size))
+        out = np.asarray(pil)
+        return {**example, "image": out[..., None] if channels == 1 else out}
+
+
+def resize_center_crop(size: int, crop_fraction: float = 0.875):
+    """A ``ResizeCenterCrop`` map_fn (see there); rejects bad parameters at once."""
+    if size < 1 or not 0 < crop_fraction <= 1:
+        raise ConfigError(
+            f"resize_center_crop needs size >= 1 and 0 < crop_fraction <= 1; "
+            f"got size={size}, crop_fraction={crop_fraction}"
+        )
+    return ResizeCenterCrop(size, crop_fraction)
 
 
 def crop_box(
