@@ -197,7 +197,9 @@ def resnet50_step(batch_size: int, cache: str):
     import jax
     import optax
 
-    from cnnjax import models, steps, train_state
+    from cnnjax import models
+    from cnnjax.train import state as train_state
+    from cnnjax.train import steps
 
     model = models.get("resnet50", num_classes=NUM_CLASSES)
     tx = optax.sgd(0.1, momentum=0.9)
