@@ -11,6 +11,7 @@
 Split names are TFDS split strings, slices included (``train[:54000]``, ``train[54000:]``).
 """
 
+import io
 import re
 import tempfile
 import warnings
@@ -53,8 +54,13 @@ class TfdsSource:
         Raises:
           DataUnavailableError: the dataset is prepared in a format without random access.
         """
+        import tensorflow_datasets as tfds
+
+        # The image's bytes, decoded by PIL here (as TFDS decodes without OpenCV, but without
+        # its log line in every process, and in half the time).
+        skip = {self._image_key: tfds.decode.SkipDecoding()}
         try:
-            data_source = self.builder.as_data_source(name)
+            data_source = self.builder.as_data_source(name, decoders=skip)
         except NotImplementedError:
             raise DataUnavailableError(
                 f"dataset {self.name} in {self.builder.data_dir} is prepared in the "
@@ -90,7 +96,20 @@ class TfdsSplit:
         return [self._supervised(e) for e in self.data_source.__getitems__(list(indices))]
 
     def _supervised(self, example: dict) -> dict:
-        return {"image": example[self.image_key], "label": int(example[self.label_key])}
+        return {
+            "image": decode_image(example[self.image_key]),
+            "label": int(example[self.label_key]),
+        }
+
+
+def decode_image(encoded: bytes) -> np.ndarray:
+    """An encoded image (PNG, JPEG) as uint8 (H, W, C): what TFDS's ``decode_example_np``
+    gives without OpenCV (PIL, grey images with a channel axis)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(encoded)) as image:
+        pixels = np.asarray(image, np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def load_arrays(builder, split: str, limit: int = 0) -> dict:
