@@ -98,7 +98,7 @@ def test_a_cached_split_loads_without_tensorflow(fmnist_data_dir):
     tfds_source.load_arrays(builder, "test")
     code = (
         "import sys\n"
-        "from cnnjax.data import pipeline, tfds\n"
+        "from cnnjax.data import tfds, tfds_source\n"
         "b = tfds.builder('fashion_mnist', sys.argv[1])\n"
         "assert tfds_source.load_arrays(b, 'test')['image'].shape == (10000, 28, 28, 1)\n"
         "print('tensorflow' in sys.modules)\n"
