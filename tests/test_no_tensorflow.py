@@ -57,12 +57,12 @@ for workdir, overrides in runs.items():
         for part in parents:
             node = node[part]
         node[leaf] = value
-    line = loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     assert evaluate.evaluate_run(workdir)["test_accuracy"] > 0.2
     images = evaluate.trained.load_run(workdir).image_shape
     zeros = __import__("numpy").zeros((2, *images), "uint8")
     assert predict.load_predictor(workdir).predict(zeros).shape[0] == 2
-    print(workdir, "test_accuracy", line["test_accuracy"])
+    print("trained, evaluated, predicted:", workdir)
 assert "tensorflow" not in sys.modules, "imported"
 """
 )
@@ -101,7 +101,7 @@ def test_training_evaluating_and_predicting_with_tensorflow_unimportable(tiny_co
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert out.stdout.count("test_accuracy") == 3
+    assert out.stdout.count("trained, evaluated, predicted:") == 3
 
 
 def test_the_shim_does_block_tensorflow():
