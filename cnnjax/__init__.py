@@ -8,7 +8,7 @@ from cnnjax import models
 from cnnjax.errors import CnnjaxError
 from cnnjax.nn import layers, ops
 from cnnjax.nn.layers import BottleneckBlock, ConvBN, DenseHead, GlobalAvgPool, ResidualBlock
-from cnnjax.train.state import TrainState, create_train_state
+from cnnjax.run.state import TrainState, create_train_state
 
 __version__ = "0.1.0"
 

@@ -37,12 +37,11 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from cnnjax import configs
+from cnnjax import configs, parallel, preemption
 from cnnjax.errors import CnnjaxError, ConfigError
-from cnnjax.train import parallel, preemption
 
 TRACEBACK_ENV = "CNNJAX_TRACEBACK"  # "1": print the traceback of a user error as well
-# SIGINT outside training's step loop (which saves and says so: cnnjax.train.preemption).
+# SIGINT outside training's step loop (which saves and says so: cnnjax.preemption).
 INTERRUPTED = "interrupted (SIGINT)"
 
 Version = tuple[int, ...]

@@ -5,7 +5,7 @@ Starts N ``python -m cnnjax.train`` processes that meet at ``127.0.0.1`` on a fr
 (``cnnjax.distributed``), each line of their output prefixed with ``[i]``. Ctrl-C or SIGTERM is
 passed on to every process. The first process to fail ends the run: the others get SIGTERM,
 then SIGKILL after ``--grace_s``, and the launcher exits with that process's status (non-zero).
-A process that exits with 143 or 130 was preempted (SIGTERM / SIGINT, ``cnnjax.train.preemption``):
+A process that exits with 143 or 130 was preempted (SIGTERM / SIGINT, ``cnnjax.preemption``):
 the others are stopping at the same step and writing their part of the same checkpoint, so
 they are left to finish (SIGTERM and SIGKILL only after ``PREEMPTED_WAIT_S``), and the
 launcher exits with that status too.

@@ -35,9 +35,9 @@ import numpy as np
 import optax
 
 from cnnjax import cli, models
+from cnnjax.run.state import TrainState, init_variables
 from cnnjax.tools import inspect as inspection
 from cnnjax.train import steps
-from cnnjax.train.state import TrainState, init_variables
 
 CLASSES = ("square", "plus", "ring")
 IMAGE_SIZE = 32

@@ -397,9 +397,9 @@ def jax_resnet(name: str, size: int, batch: int, steps: int) -> dict:
     import optax
 
     from cnnjax import models
+    from cnnjax.run.state import create_train_state
     from cnnjax.train import flops
     from cnnjax.train import steps as steps_lib
-    from cnnjax.train.state import create_train_state
 
     model = models.get(name, num_classes=1000, dtype=jnp.bfloat16)
     tx = optax.sgd(0.1, momentum=0.9)
@@ -538,8 +538,8 @@ def flagbench(args) -> dict:
     import optax
 
     from cnnjax import models
+    from cnnjax.run.state import create_train_state
     from cnnjax.train import steps as steps_lib
-    from cnnjax.train.state import create_train_state
 
     name, batch, steps = flagbench_sizes(args.quick)
     model = models.get(name, num_classes=10, dtype=jnp.bfloat16)

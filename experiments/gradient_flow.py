@@ -30,8 +30,8 @@ import optax
 from cnnjax import cli
 from cnnjax.models.resnet import CifarResNet
 from cnnjax.nn.layers import ConvBN, DenseHead, GlobalAvgPool, batch_norm
+from cnnjax.run.state import TrainState, init_variables
 from cnnjax.train import steps
-from cnnjax.train.state import TrainState, init_variables
 
 SMOOTH = 10  # steps averaged per reported gradient norm (single steps are noisy)
 

@@ -198,7 +198,7 @@ def resnet50_step(batch_size: int, cache: str):
     import optax
 
     from cnnjax import models
-    from cnnjax.train import state as train_state
+    from cnnjax.run import state as train_state
     from cnnjax.train import steps
 
     model = models.get("resnet50", num_classes=NUM_CLASSES)

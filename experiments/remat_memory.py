@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from cnnjax import cli, configs, models
 from cnnjax.models.common import REMAT_CHOICES
+from cnnjax.run.state import abstract_train_state, create_train_state
 from cnnjax.train import optim, steps
-from cnnjax.train.state import abstract_train_state, create_train_state
 
 MIB = 2**20
 

@@ -40,9 +40,9 @@ from ml_collections import ConfigDict
 from cnnjax import cli, configs
 from cnnjax.data import pipeline, tfds_source
 from cnnjax.data import tfds as tfds_lib
+from cnnjax.run.state import create_train_state, path_str
 from cnnjax.train import optim, steps, transfer
 from cnnjax.train import setup as setup_lib
-from cnnjax.train.state import create_train_state, path_str
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)

@@ -12,9 +12,9 @@ from conftest import variant
 from test_trainer import final_params
 
 from cnnjax import models
+from cnnjax.run.state import create_train_state
 from cnnjax.train import loop, steps
 from cnnjax.train import setup as setup_lib
-from cnnjax.train.state import create_train_state
 
 EPS32 = float(np.finfo(np.float32).eps)
 

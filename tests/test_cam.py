@@ -14,8 +14,8 @@ import pytest
 
 from cnnjax import models
 from cnnjax.errors import ConfigError
+from cnnjax.run.state import init_variables
 from cnnjax.tools import inspect as inspection
-from cnnjax.train.state import init_variables
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 

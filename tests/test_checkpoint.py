@@ -11,13 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import configs, models
+from cnnjax import configs, models, parallel
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import CheckpointError
 from cnnjax.run import checkpoint, trained
-from cnnjax.train import loop, optim, parallel, resume
+from cnnjax.run.state import abstract_train_state
+from cnnjax.train import loop, optim, resume
 from cnnjax.train import setup as setup_lib
-from cnnjax.train.state import abstract_train_state
 
 SHAPE = (8, 8, 1)
 

@@ -10,6 +10,7 @@ import pytest
 from cnnjax import cli, configs
 from cnnjax.data import augment
 from cnnjax.errors import ConfigError, UnknownNameError
+from cnnjax.run import trained
 from cnnjax.train import setup as setup_lib
 
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -75,9 +76,9 @@ def test_unknown_config_keys_name_the_closest():
 
 def test_config_json_of_older_versions_is_upgraded():
     old = {"model": "resnet18", "model_kwargs": "{'small_input': True}", "dataset": "cifar10"}
-    assert configs.upgrade(old) == {
+    assert trained.upgrade_config(old) == {
         "model": {"name": "resnet18", "small_input": True},
         "dataset": "cifar10",
     }
     new = {"model": {"name": "resnet18"}, "dataset": "cifar10"}
-    assert configs.upgrade(new) == new
+    assert trained.upgrade_config(new) == new

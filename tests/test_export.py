@@ -356,7 +356,7 @@ def test_export_model_with_batch_norm_and_rgb_normalisation(tmp_path):
     import tensorflow as tf
 
     from cnnjax import models
-    from cnnjax.train.state import TrainState, init_variables
+    from cnnjax.run.state import TrainState, init_variables
 
     model, shape = models.get("torch_small_cnn", num_classes=5), (16, 16, 3)
     variables = init_variables(model, jax.random.key(0), shape)

@@ -20,10 +20,10 @@ from cnnjax import models
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError
 from cnnjax.nn.layers import batch_norm
+from cnnjax.run.state import TrainState
 from cnnjax.tools import export, onnx_writer
 from cnnjax.tools import predict as prediction
 from cnnjax.tools.export import ExportError
-from cnnjax.train.state import TrainState
 
 EPS32 = float(np.finfo(np.float32).eps)
 SMALL = {"small_input": True}

@@ -20,8 +20,8 @@ from cnnjax import models
 from cnnjax.data.pipeline import DatasetInfo
 from cnnjax.errors import CnnjaxError
 from cnnjax.models.resnet import CifarResNet
+from cnnjax.run.state import init_variables
 from cnnjax.tools import inspect as inspection
-from cnnjax.train.state import init_variables
 
 SHAPE = (28, 28, 1)
 PNG_MAGIC = b"\x89PNG"

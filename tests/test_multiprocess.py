@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 from test_steps import assert_within_ulps
 
-from cnnjax import distributed, launch
+from cnnjax import distributed, launch, parallel
 from cnnjax.errors import ConfigError
 from cnnjax.run import metrics, trained
 from cnnjax.tools import evaluate as evaluation
-from cnnjax.train import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # one run on 2 shared, loaded cores; normally 20-90 s

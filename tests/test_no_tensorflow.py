@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax.train import parallel
+from cnnjax import parallel
 from cnnjax.train import setup as setup_lib
 
 ROOT = Path(__file__).resolve().parents[1]

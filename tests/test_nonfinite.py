@@ -16,8 +16,8 @@ import pytest
 from cnnjax import configs, models
 from cnnjax.errors import TrainingDivergedError
 from cnnjax.run import checkpoint, metrics
+from cnnjax.run.state import create_train_state
 from cnnjax.train import loop, optim, steps
-from cnnjax.train.state import create_train_state
 
 ORIGINAL = steps.loss_and_grads
 

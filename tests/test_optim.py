@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from cnnjax import configs, models
+from cnnjax.run.state import init_variables
 from cnnjax.train import optim
-from cnnjax.train.state import init_variables
 
 STEPS_PER_EPOCH = 10
 

@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+from cnnjax import parallel
 from cnnjax.errors import ConfigError
-from cnnjax.train import parallel
 
 
 def test_mesh_spans_every_device_on_the_data_axis():

@@ -25,8 +25,8 @@ from test_resume import (
     train_cmd,
 )
 
+from cnnjax import preemption
 from cnnjax.run import checkpoint
-from cnnjax.train import preemption
 
 # Signal to exit: the step in flight + the preemption save + closing the run and the interpreter
 # (JAX, Orbax, TensorBoard). Measured (docs/reliability.md, "Preemption", 2 cores at load

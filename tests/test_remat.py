@@ -22,9 +22,9 @@ from cnnjax.errors import ConfigError
 from cnnjax.models.common import REMAT_CHOICES, REMAT_POLICIES, remat_policy
 from cnnjax.models.resnet import ResNet
 from cnnjax.nn.layers import BottleneckBlock, ResidualBlock
+from cnnjax.run.state import abstract_train_state, create_train_state, init_variables
 from cnnjax.train import setup as setup_lib
 from cnnjax.train import steps
-from cnnjax.train.state import abstract_train_state, create_train_state, init_variables
 
 KEEP_BARRIERS = {"xla_disable_hlo_passes": cli.CPU_FLAGS["xla_disable_hlo_passes"]}
 POLICIES = ["blocks", "blocks:dots_saveable", "blocks:dots_with_no_batch_dims_saveable"]

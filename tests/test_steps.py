@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import models
-from cnnjax.train import parallel, steps
-from cnnjax.train.state import create_train_state
+from cnnjax import models, parallel
+from cnnjax.run.state import create_train_state
+from cnnjax.train import steps
 
 
 def make_state(name="cifar_cnn", tx=None):

@@ -1,4 +1,4 @@
-"""cnnjax.train.state through the steps that use it: the EMA and its decay warmup, evaluation
+"""cnnjax.run.state through the steps that use it: the EMA and its decay warmup, evaluation
 with the EMA weights, flip test-time augmentation, and bfloat16 compute over float32 state."""
 
 import jax
@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from cnnjax import models
+from cnnjax.run.state import create_train_state
 from cnnjax.train import steps
-from cnnjax.train.state import create_train_state
 
 
 def test_ema_tracks_params_with_decay_warmup_and_is_what_eval_uses():

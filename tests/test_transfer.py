@@ -10,9 +10,9 @@ from conftest import variant
 from cnnjax import models
 from cnnjax.errors import CheckpointError
 from cnnjax.run import trained
+from cnnjax.run.state import create_train_state
 from cnnjax.train import loop, resume, transfer
 from cnnjax.train import setup as setup_lib
-from cnnjax.train.state import create_train_state
 
 
 def initial_params(config, workdir):

@@ -30,10 +30,10 @@ from cnnjax.errors import CheckpointError, ConfigError, UnknownNameError
 from cnnjax.models.pretrained import hub
 from cnnjax.models.pretrained.weights import IMAGENET_MEAN, IMAGENET_STD
 from cnnjax.run import trained as trained_lib
+from cnnjax.run.state import init_variables
 from cnnjax.tools import evaluate as evaluation
 from cnnjax.tools import predict as prediction
 from cnnjax.train import loop, steps, transfer
-from cnnjax.train.state import init_variables
 
 tv = import_torchvision()
 IMAGE_SIZE = 32  # the side the model sees in the run (Fashion-MNIST's 28 px, resized on device)
@@ -188,20 +188,20 @@ def test_grey_is_resized_and_copied_to_rgb():
 
 def test_dataset_info_round_trips_the_preprocessing(tmp_path):
     info = pipeline.DatasetInfo("d", (28, 28, 1), 2, ("a", "b"), (0.5,), (0.2,), {}, {})
-    info.save(tmp_path / "plain.json")
-    assert "preprocess" not in json.loads((tmp_path / "plain.json").read_text())
-    assert pipeline.DatasetInfo.load(tmp_path / "plain.json") == info
+    (tmp_path / "plain").mkdir()
+    trained_lib.save_dataset_info(info, tmp_path / "plain")
+    assert "preprocess" not in json.loads((tmp_path / "plain" / "dataset.json").read_text())
+    assert trained_lib.load_dataset_info(tmp_path / "plain") == info
     p = Preprocess(IMAGENET_MEAN, IMAGENET_STD, 64, 3, "bicubic")
     with_p = pipeline.DatasetInfo("d", (28, 28, 1), 2, ("a", "b"), (0.5,), (0.2,), {}, {}, p)
-    with_p.save(tmp_path / "p.json")
-    assert pipeline.DatasetInfo.load(tmp_path / "p.json") == with_p
+    trained_lib.save_dataset_info(with_p, tmp_path)
+    assert trained_lib.load_dataset_info(tmp_path) == with_p
 
 
 def test_a_run_from_a_pretrained_run_inherits_its_preprocessing(tmp_path):
     p = Preprocess(IMAGENET_MEAN, IMAGENET_STD, 64, 3)
-    pipeline.DatasetInfo("d", (28, 28, 1), 2, ("a", "b"), (0.5,), (0.2,), {}, {}, p).save(
-        tmp_path / "dataset.json"
-    )
+    info = pipeline.DatasetInfo("d", (28, 28, 1), 2, ("a", "b"), (0.5,), (0.2,), {}, {}, p)
+    trained_lib.save_dataset_info(info, tmp_path)
     config = configs.get("tiny")
     config.init_from = str(tmp_path)
     assert transfer.run_preprocess(config) == p
@@ -311,7 +311,7 @@ def test_googlenet_needs_the_input_transform_its_weights_expect():
 
 def test_another_architecture_names_the_mismatching_parameters(resnet18_file):
     from cnnjax import models
-    from cnnjax.train.state import TrainState
+    from cnnjax.run.state import TrainState
 
     model = models.get("resnet18", 10, small_input=True)  # 3x3 stem: not torchvision's
     # Shapes only: merge compares shapes, and refuses before it copies anything.

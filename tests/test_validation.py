@@ -10,7 +10,7 @@ from cnnjax import configs, models, rules
 from cnnjax.configs import validation
 from cnnjax.errors import CheckpointError, ConfigError, InputTooSmallError
 from cnnjax.run import trained
-from cnnjax.train.state import init_variables
+from cnnjax.run.state import init_variables
 
 
 @pytest.mark.parametrize("preset", configs.names())

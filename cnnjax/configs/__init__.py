@@ -6,7 +6,6 @@ config file with a ``get_config()``. Overrides (``--config.KEY=VALUE``) may add 
 ``check_keys``, naming the closest valid key.
 """
 
-import ast
 import difflib
 from pathlib import Path
 
@@ -86,14 +85,3 @@ def check_keys(config: ConfigDict, reference: ConfigDict) -> None:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean --config.{close[0]}?" if close else "see --helpfull"
             raise ConfigError(f"unknown config key --config.{key}; {hint}")
-
-
-def upgrade(saved: dict) -> dict:
-    """A ``config.json`` written before the model became a group (``"model": "resnet18"`` with
-    ``"model_kwargs": "{'small_input': True}"``) in today's layout
-    (``"model": {"name": "resnet18", "small_input": True}``); current files unchanged."""
-    saved = dict(saved)
-    if isinstance(saved.get("model"), str):
-        kwargs = ast.literal_eval(saved.pop("model_kwargs", None) or "{}")
-        saved["model"] = {"name": saved["model"], **kwargs}
-    return saved

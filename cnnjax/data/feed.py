@@ -27,11 +27,11 @@ from functools import partial
 
 import jax
 
+from cnnjax import parallel
 from cnnjax.data import pipeline, stream
 from cnnjax.data import source as source_lib
 from cnnjax.data import tfds as tfds_lib
 from cnnjax.errors import ConfigError
-from cnnjax.train import parallel
 
 FOLDER = "folder:"  # dataset = folder:PATH: a folder of images (data.folder)
 

@@ -7,7 +7,6 @@ device.
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ import numpy as np
 
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError
-from cnnjax.run.workdir import write_text_atomic
 
 STATS_SAMPLE = 10_000  # images used to estimate the per-channel mean and std
 
@@ -36,15 +34,16 @@ class DatasetInfo:
     # from torchvision weights); None: normalisation with mean/std only.
     preprocess: Preprocess | None = None
 
-    def save(self, path: Path) -> None:
+    def to_json(self) -> str:
+        """``dataset.json``'s text (``run.trained`` writes and reads the file)."""
         d = dataclasses.asdict(self)
         if d["preprocess"] is None:
             del d["preprocess"]  # dataset.json of runs from scratch: as before
-        write_text_atomic(path, json.dumps(d, indent=2))
+        return json.dumps(d, indent=2)
 
     @classmethod
-    def load(cls, path: Path) -> "DatasetInfo":
-        d = json.loads(Path(path).read_text())
+    def from_json(cls, text: str) -> "DatasetInfo":
+        d = json.loads(text)
         d["image_shape"] = tuple(d["image_shape"])
         preprocess = d.pop("preprocess", None)
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

@@ -43,7 +43,7 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, **kwargs) -> ModuleDef:
 class BatchNorm(nn.BatchNorm):
     """``nn.BatchNorm`` that takes its mode as ``train`` instead of ``use_running_average``, so a
     call can still force inference mode (``use_running_average=True``): frozen layers in
-    transfer learning rely on it (``cnnjax.train.state.frozen_batch_norm``)."""
+    transfer learning rely on it (``cnnjax.run.state.frozen_batch_norm``)."""
 
     train: bool = False
 

@@ -4,6 +4,7 @@ check of a workdir before training touches it (``check_workdir``), and opening a
 optimizer and reading no dataset.
 """
 
+import ast
 import dataclasses
 import json
 from pathlib import Path
@@ -13,14 +14,13 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from cnnjax import configs, models
+from cnnjax import models, parallel
 from cnnjax.data import preprocessing
 from cnnjax.data.pipeline import DatasetInfo
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.run import checkpoint
 from cnnjax.run import workdir as workdir_lib
-from cnnjax.train import parallel
-from cnnjax.train.state import TrainState, init_variables, path_str
+from cnnjax.run.state import TrainState, init_variables, path_str
 
 
 def run_manager(config, workdir, read_only: bool = False):
@@ -53,17 +53,33 @@ _REQUIRED = {
 }
 
 
+def upgrade_config(saved: dict) -> dict:
+    """A ``config.json`` written before the model became a group (``"model": "resnet18"`` with
+    ``"model_kwargs": "{'small_input': True}"``) in today's layout
+    (``"model": {"name": "resnet18", "small_input": True}``); current files unchanged."""
+    saved = dict(saved)
+    if isinstance(saved.get("model"), str):
+        kwargs = ast.literal_eval(saved.pop("model_kwargs", None) or "{}")
+        saved["model"] = {"name": saved["model"], **kwargs}
+    return saved
+
+
 def load_run_config(workdir: Path) -> ConfigDict:
     """The config a run was trained with (``WORKDIR/config.json``), in today's layout
-    (``configs.upgrade`` reads the files of older versions)."""
-    return ConfigDict(configs.upgrade(_read_json(Path(workdir) / "config.json", "")))
+    (``upgrade_config`` reads the files of older versions)."""
+    return ConfigDict(upgrade_config(_read_json(Path(workdir) / "config.json", "")))
 
 
 def load_dataset_info(workdir: Path) -> DatasetInfo:
     """What a run's model was trained on (``WORKDIR/dataset.json``)."""
     path = Path(workdir) / "dataset.json"
     _read_json(path, ": it was never trained")
-    return DatasetInfo.load(path)
+    return DatasetInfo.from_json(path.read_text())
+
+
+def save_dataset_info(info: DatasetInfo, workdir: Path) -> None:
+    """Writes ``WORKDIR/dataset.json`` (atomically: a reader never sees half of it)."""
+    workdir_lib.write_text_atomic(Path(workdir) / "dataset.json", info.to_json())
 
 
 def data_image_shape(info: DatasetInfo, image_size: int | None) -> tuple[int, int, int]:

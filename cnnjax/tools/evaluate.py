@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnjax import plots
+from cnnjax import parallel, plots
 from cnnjax.data import feed as feed_lib
 from cnnjax.errors import CheckpointError
 from cnnjax.run import metrics as metrics_lib
 from cnnjax.run import trained
-from cnnjax.train import eval_steps, parallel
+from cnnjax.train import eval_steps
 
 
 def evaluate_run(workdir, step: int | None = None, split: str = "test") -> dict:

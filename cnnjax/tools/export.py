@@ -50,8 +50,8 @@ import numpy as np
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError, ExportError
 from cnnjax.run import trained
+from cnnjax.run.state import TrainState
 from cnnjax.tools import predict as prediction
-from cnnjax.train.state import TrainState
 
 # jax 0.10.2 lowers to all of these without the hardware (multi-platform export keeps one
 # lowering for the few primitives that differ; none of a CNN's do).

@@ -42,10 +42,10 @@ from cnnjax.data import preprocessing
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import ConfigError, unknown_name
 from cnnjax.run import trained
+from cnnjax.run.state import init_variables
 from cnnjax.tools import predict as prediction
 from cnnjax.tools.trace import recording, trace
 from cnnjax.train import steps
-from cnnjax.train.state import init_variables
 
 # --------------------------------------------------------------------------------------------
 # Layers

@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax import parallel
 from cnnjax.data import folder
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CnnjaxError, ConfigError
 from cnnjax.run import trained
-from cnnjax.train import parallel, steps
-from cnnjax.train.state import TrainState
+from cnnjax.run.state import TrainState
+from cnnjax.train import steps
 
 MAX_BATCH = 256  # images per jitted call; batches are padded to a power of two up to this
 _CHANNEL_MODES = {1: "L", 3: "RGB"}

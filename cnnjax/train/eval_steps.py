@@ -12,8 +12,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from cnnjax import parallel
 from cnnjax.data import pipeline, preprocessing
-from cnnjax.train import parallel, steps
+from cnnjax.train import steps
 
 METRIC_KEYS = ("loss", "correct", "count")
 

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from cnnjax import plots
+from cnnjax import plots, preemption
 from cnnjax.errors import TrainingDivergedError
 from cnnjax.run import metrics as metrics_lib
-from cnnjax.train import eval_steps, optim, preemption, steps
+from cnnjax.train import eval_steps, optim, steps
 from cnnjax.train import flops as flops_lib
 from cnnjax.train.setup import Run, Settings
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import jax
 
+from cnnjax import preemption
 from cnnjax.run import checkpoint, trained
 from cnnjax.run import metrics as metrics_lib
 from cnnjax.run import workdir as workdir_lib
-from cnnjax.train import eval_steps, hooks, preemption, resume
+from cnnjax.train import eval_steps, hooks, resume
 from cnnjax.train import flops as flops_lib
 from cnnjax.train import setup as setup_lib
 from cnnjax.train.resume import Position
@@ -34,7 +35,7 @@ def train_and_evaluate(config, workdir) -> dict:
     Raises:
       CnnjaxError: bad names, missing data, an incompatible workdir, one another process is
         training in, a full or unwritable disk, or a diverged loss.
-      Preempted: SIGTERM or SIGINT came (see ``cnnjax.train.preemption``); what there was to
+      Preempted: SIGTERM or SIGINT came (see ``cnnjax.preemption``); what there was to
         save is saved.
     """
     with preemption.listening():
@@ -59,7 +60,7 @@ def train_locked(config, workdir: Path, conv_backend: str) -> dict:
     preemption.check("start-up")
     run = setup_lib.setup(config, workdir)
     if jax.process_index() == 0:
-        run.info.save(workdir / "dataset.json")
+        trained.save_dataset_info(run.info, workdir)
     preemption.check("start-up")
     s = run.settings
     mngr = checkpoint.manager(workdir, s.max_to_keep, s.best_metric, s.best_mode)

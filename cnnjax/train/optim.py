@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from cnnjax.registry import Registry
-from cnnjax.train.state import path_str
+from cnnjax.run.state import path_str
 
 
 def decay_mask(params):

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import jax
 
+from cnnjax import parallel, preemption
 from cnnjax.errors import CheckpointError
 from cnnjax.run import checkpoint
-from cnnjax.train import eval_steps, optim, parallel, preemption, transfer
+from cnnjax.run.state import TrainState, abstract_train_state, create_train_state
+from cnnjax.train import eval_steps, optim, transfer
 from cnnjax.train.setup import Run
-from cnnjax.train.state import TrainState, abstract_train_state, create_train_state
 
 
 @dataclasses.dataclass(frozen=True)

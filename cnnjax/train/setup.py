@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnnjax import cli, models
+from cnnjax import cli, models, parallel
 from cnnjax.configs import validation
 from cnnjax.data import augment as augment_lib
 from cnnjax.data import feed as feed_lib
@@ -26,7 +26,7 @@ from cnnjax.errors import ConfigError
 from cnnjax.nn import kernels as kernels_lib
 from cnnjax.run import workdir as workdir_lib
 from cnnjax.run.trained import model_input_shape
-from cnnjax.train import eval_steps, optim, parallel, profiling, steps, transfer
+from cnnjax.train import eval_steps, optim, profiling, steps, transfer
 from cnnjax.train import flops as flops_lib
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnnjax.train.state import frozen_batch_norm
+from cnnjax.run.state import frozen_batch_norm
 
 
 def normalize(images, mean, std, dtype=jnp.float32):

@@ -18,7 +18,7 @@ import numpy as np
 from cnnjax.data.preprocessing import Preprocess
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.run import trained
-from cnnjax.train.state import path_str
+from cnnjax.run.state import path_str
 
 # Parameters under this prefix may change shape (a new classifier for another class count).
 HEAD = "head/"

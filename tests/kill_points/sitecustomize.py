@@ -25,7 +25,7 @@ With ``CNNJAX_SIGNAL_AT_STEP=N`` the process sends itself SIGTERM at the progres
 where one process is preempted).
 
 With ``CNNJAX_PAUSE_UNTIL=signal`` the process waits at the point only until the trainer has
-recorded a SIGTERM or SIGINT (``train.preemption``), then goes on, so a test can signal it at a
+recorded a SIGTERM or SIGINT (``cnnjax.preemption``), then goes on, so a test can signal it at a
 known point.
 """
 
@@ -45,7 +45,7 @@ def _pause(what: str, **details) -> None:
     tmp.write_text(json.dumps({"phase": what, "pid": os.getpid(), **details}))
     tmp.rename(marker)
     if os.environ.get("CNNJAX_PAUSE_UNTIL") == "signal":
-        from cnnjax.train import preemption
+        from cnnjax import preemption
 
         while preemption.received() is None:
             time.sleep(0.005)
