@@ -140,6 +140,8 @@ CASES = [
      "num_epochs=-1"),
     ("truncated_config_json", "train", [T, "--workdir={copy}"], 2, "config.json is unreadable"),
     # train: a folder of images that is not a dataset, refused before the workdir is written
+    ("folder_no_path", "train", [T, "--workdir={new}", "--config.dataset=folder:"], 2,
+     "the dataset folder is empty: --config.dataset=folder:PATH"),
     ("folder_missing", "train", [T, "--workdir={new}", "--config.dataset=folder:{in}/nope"], 2,
      "dataset folder {in}/nope does not exist"),
     ("folder_no_classes", "train",

@@ -229,6 +229,8 @@ def _check_arguments(path, image_size, channels, validation_fraction, test_fract
             f"validation_fraction and test_fraction must be in [0, 1) with a sum below 1, "
             f"got {validation_fraction} and {test_fraction}"
         )
+    if not str(path).strip():  # "folder:" alone would be the current directory
+        raise ConfigError("the dataset folder is empty: --config.dataset=folder:PATH")
     root = Path(os.path.abspath(os.path.expanduser(path)))
     if not root.exists():
         raise ConfigError(f"dataset folder {root} does not exist")
