@@ -78,8 +78,8 @@ def limited(spec: str, size: int, limit: int) -> str:
 
 
 class Resized:
-    """``split`` with every image resized to ``size`` x ``size`` (PIL bilinear, antialiased when
-    it shrinks): a ``Split`` of one shape from a dataset whose images differ in size."""
+    """``split`` with every image resized to ``size`` x ``size`` (``resize``): a ``Split`` of one
+    shape from a dataset whose images differ in size."""
 
     def __init__(self, split: Split, size: int):
         self.split, self.size = split, size
@@ -88,14 +88,23 @@ class Resized:
         return len(self.split)
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-
         example = self.split[index]
-        image = np.asarray(example["image"], np.uint8)
-        channels = image.shape[-1]
-        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-        out = np.asarray(pil.resize((self.size, self.size), Image.Resampling.BILINEAR))
-        return {**example, "image": out.reshape(self.size, self.size, channels)}
+        return {**example, "image": resize(example["image"], (self.size, self.size))}
+
+
+def resize(image, shape: tuple[int, int], box: tuple[int, int, int, int] | None = None):
+    """uint8 ``image`` (H, W, C), C 1 or 3, or its ``box`` (left, top, right, bottom), resized
+    to ``shape`` (h, w) with PIL's bilinear filter (antialiased when it shrinks): uint8
+    (h, w, C)."""
+    from PIL import Image
+
+    image = np.asarray(image, np.uint8)
+    channels = image.shape[-1]
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    if box is not None:
+        pil = pil.crop(box)
+    out = np.asarray(pil.resize(shape[::-1], Image.Resampling.BILINEAR))
+    return out.reshape(*shape, channels)
 
 
 def count(spec: str, sizes: dict[str, int]) -> int:

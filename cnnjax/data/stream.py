@@ -36,8 +36,8 @@ import math
 
 import grain
 import numpy as np
-from PIL import Image
 
+from cnnjax.data import source
 from cnnjax.errors import ConfigError
 
 PREFETCH = 4  # batches computed ahead in each process (memory: this many batches per process)
@@ -282,12 +282,8 @@ class ResizeCenterCrop:
         # torchvision's rounding: the longer side is truncated, the crop offset rounded.
         new_h, new_w = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
         top, left = round((new_h - self.size) / 2), round((new_w - self.size) / 2)
-        channels = image.shape[2]
-        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-        pil = pil.resize((new_w, new_h), Image.BILINEAR)
-        pil = pil.crop((left, top, left + self.size, top + self.size))
-        out = np.asarray(pil)
-        return {**example, "image": out[..., None] if channels == 1 else out}
+        out = source.resize(image, (new_h, new_w))[top : top + self.size, left : left + self.size]
+        return {**example, "image": np.ascontiguousarray(out)}
 
 
 def resize_center_crop(size: int, crop_fraction: float = 0.875):
@@ -339,8 +335,4 @@ def resized_crop(image: np.ndarray, top: int, left: int, h: int, w: int, size: i
     Returns:
       uint8 (size, size, C).
     """
-    channels = image.shape[2]
-    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    pil = pil.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-    out = np.asarray(pil)
-    return out[..., None] if channels == 1 else out
+    return source.resize(image, (size, size), box=(left, top, left + w, top + h))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnjax.data import source
 from cnnjax.errors import DataUnavailableError
 
 ARRAY_CACHE = "cnnjax_arrays"  # folder in a prepared dataset's data_dir with decoded splits
@@ -203,10 +204,6 @@ def _write_cached(path: Path, arrays: dict) -> None:
 
 
 def limit_split(builder, split: str, limit: int) -> str:
-    """``split`` cut to its first ``limit`` examples, as a TFDS split string."""
-    # "train[:54000]" limited to 512 -> "train[:512]"; "train[54000:]" -> "train[54000:54512]",
-    # never past the end of the slice (TFDS counts the examples of a sliced split name).
-    name, _, rest = split.partition("[")
-    start = int(rest.split(":")[0] or 0) if rest else 0
-    limit = min(limit, builder.info.splits[split].num_examples)
-    return f"{name}[{start}:{start + limit}]"
+    """``split`` cut to its first ``limit`` examples, as a TFDS split string
+    (``source.limited``; TFDS counts the examples of a sliced split name)."""
+    return source.limited(split, builder.info.splits[split].num_examples, limit)
