@@ -50,8 +50,10 @@ class Source(Protocol):
 
 def gather(split: Split, indices) -> dict:
     """Examples ``indices`` of ``split`` stacked: ``image`` uint8 (N, H, W, C), ``label`` int32
-    (N,). The reference way to build arrays from any ``Split``."""
-    examples = [split[int(i)] for i in indices]
+    (N,). The reference way to build arrays from any ``Split``; one that reads many examples at
+    once offers ``_getitems`` (Grain's name for it), used when there."""
+    getitems = getattr(split, "_getitems", None)
+    examples = getitems(indices) if getitems else [split[int(i)] for i in indices]
     return {
         "image": np.stack([e["image"] for e in examples]).astype(np.uint8),
         "label": np.asarray([e["label"] for e in examples], np.int32),

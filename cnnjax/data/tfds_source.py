@@ -144,11 +144,7 @@ def _decode(builder, split: str) -> dict:
         data = TfdsSource(builder).split(split)
     except DataUnavailableError:
         return _decode_with_tensorflow(builder, split)
-    examples = data._getitems(range(len(data)))
-    return {
-        "image": np.stack([e["image"] for e in examples]).astype(np.uint8),
-        "label": np.asarray([e["label"] for e in examples], np.int32),
-    }
+    return source.gather(data, range(len(data)))
 
 
 def _decode_with_tensorflow(builder, split: str) -> dict:
